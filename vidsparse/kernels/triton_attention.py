@@ -1,0 +1,464 @@
+"""Triton block-sparse FlashAttention: forward, backward, autograd and a torch.library custom op.
+
+Kernels (plain pointer arithmetic; block pointers are gone in Triton 3.9):
+
+* ``_fwd_kernel``: one program per (query tile, batch*head). It walks only the key blocks listed
+  in the mask's index table for its query block, with an exp2 online softmax, and writes O and
+  the natural-log LSE.
+* ``_bwd_delta_kernel``: delta = rowsum(O * dO), in fp32.
+* ``_bwd_dkdv_kernel``: one program per (key tile, batch*head), walking the query blocks that keep
+  its key block (the mask's transposed table); accumulates dK and dV. Deterministic, no atomics.
+* ``_bwd_dq_kernel``: one program per (query tile, batch*head), walking the kept key blocks.
+
+The mask's block shape is honoured whatever the kernel tile: a tile of BLOCK_M query rows always
+lies inside one mask row (BLOCK_M divides block_q) and a mask block of block_k keys is processed
+as block_k / BLOCK_N sub-tiles. Batch/head/row base offsets are int64, so 75,600 tokens x 40
+heads x batch cannot overflow. Any head dim up to 256 works (the tile is padded to a power of
+two with masked loads); any sequence length (ragged tails are masked).
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in fp32 and fp16 (bf16 is broken in
+Triton's interpreter, so the backend refuses it there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mask import BlockMask
+
+name = "triton"
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------------ dispatch
+def not_supported_reasons(q, k, v, mask, *, needs_grad: bool, explicit: bool) -> list[str]:
+    reasons = []
+    if q.is_cuda:
+        if q.dtype == torch.float64:
+            reasons.append("float64 is not supported on GPU (use float32, float16 or bfloat16)")
+    elif q.device.type == "cpu":
+        if not _INTERPRET:
+            reasons.append("needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU testing)")
+        elif not explicit:
+            reasons.append("CPU tensors run only in Triton's slow interpreter; auto never picks it (pass backend='triton')")
+        if q.dtype in (torch.bfloat16, torch.float64):
+            reasons.append(f"{q.dtype} is not supported by Triton's CPU interpreter (use float32 or float16)")
+    else:
+        reasons.append(f"device {q.device.type} is not supported (CUDA only)")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+    if q.shape[-1] < 1:
+        reasons.append("head_dim must be >= 1")
+    return reasons
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs: full fp32 products (tf32 would cost ~1e-3 relative error)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+def _fwd_configs():
+    if _INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({}, num_warps=w, num_stages=s)
+        for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4))
+    ]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_K", "IEEE"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KV_IDX, KV_CNT,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    slb, slh,
+    sib, sih, sim, sit,
+    scb, sch, scm,
+    H, q_len, k_len, head_dim, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    row = start_m // BLOCK_Q  # the mask row this tile lies in
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = (start_m + offs_m) < q_len
+    d_valid = offs_d < head_dim
+
+    q_ptrs = Q + b * sqb + h * sqh + start_m.to(tl.int64) * sqn + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    if EVEN_Q and EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    idx_base = KV_IDX + b * sib + h * sih + row.to(tl.int64) * sim
+    cnt = tl.load(KV_CNT + b * scb + h * sch + row * scm)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for t in range(0, cnt):
+        j = tl.load(idx_base + t * sit).to(tl.int64)
+        for sub in tl.static_range(BLOCK_K // BLOCK_N):
+            start_n = j * BLOCK_K + sub * BLOCK_N
+            k_ptrs = k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd
+            v_ptrs = v_base + start_n * svn + offs_n[:, None] * svn + offs_d[None, :] * svd
+            n_valid = (start_n + offs_n) < k_len
+            if EVEN_K and EVEN_D:
+                kt = tl.load(k_ptrs)
+                vv = tl.load(v_ptrs)
+            else:
+                kt = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+                vv = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+            if not EVEN_K:
+                s = tl.where(n_valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a tile with every key masked keeps m = -inf: shift by 0 instead of NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(vv.dtype), vv, acc, IEEE)
+            m_i = m_new
+
+    empty = l_i == 0.0  # a row that keeps no block: o = 0, lse = -inf
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+
+    o_ptrs = O + b * sob + h * soh + start_m.to(tl.int64) * son + offs_m[:, None] * son + offs_d[None, :] * sod
+    lse_ptrs = LSE + b * slb + h * slh + start_m + offs_m
+    if EVEN_Q and EVEN_D:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(lse_ptrs, lse, mask=m_valid)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    sob, soh, son, sod,
+    sdb, sdh, sdn, sdd,
+    H, q_len, head_dim,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs < q_len)[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs[:, None].to(tl.int64) * son + offs_d[None, :] * sod, mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs[:, None].to(tl.int64) * sdn + offs_d[None, :] * sdd, mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs, delta, mask=offs < q_len)
+
+
+def _bwd_configs():
+    if _INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
+
+
+@triton.autotune(configs=_bwd_configs(), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE"])
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    sib, sih, sim, sit,
+    scb, sch, scm,
+    H, q_len, k_len, head_dim, qk_scale, sm_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    col = start_n // BLOCK_K  # the mask column this key tile lies in
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = (start_n + offs_n) < k_len
+    d_valid = offs_d < head_dim
+    nd_mask = n_valid[:, None] & d_valid[None, :]
+
+    k = tl.load(K + b * skb + h * skh + start_n.to(tl.int64) * skn + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=nd_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + start_n.to(tl.int64) * svn + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=nd_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    row_base = pid_bh.to(tl.int64) * q_len  # LSE and DELTA are (B*H, q_len) contiguous
+    idx_base = Q_IDX + b * sib + h * sih + col.to(tl.int64) * sim
+    cnt = tl.load(Q_CNT + b * scb + h * sch + col * scm)
+
+    for t in range(0, cnt):
+        i = tl.load(idx_base + t * sit).to(tl.int64)
+        for sub in tl.static_range(BLOCK_Q // BLOCK_M):
+            start_m = i * BLOCK_Q + sub * BLOCK_M
+            m_valid = (start_m + offs_m) < q_len
+            qt = tl.load(q_base + start_m * sqn + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
+                         mask=m_valid[None, :] & d_valid[:, None], other=0.0)
+            do = tl.load(do_base + start_m * sdn + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                         mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+            # padded query rows get lse = +inf so that their p is exactly 0
+            lse2 = tl.load(LSE + row_base + start_m + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + row_base + start_m + offs_m, mask=m_valid, other=0.0)
+            st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE) * qk_scale
+            pt = tl.math.exp2(st - lse2[None, :])
+            dv = _dot(pt.to(do.dtype), do, dv, IEEE)
+            dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
+            dst = pt * (dpt - delta[None, :])
+            dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, IEEE)
+
+    dk = dk * sm_scale
+    dk_ptrs = DK + b * skb + h * skh + start_n.to(tl.int64) * skn + offs_n[:, None] * skn + offs_d[None, :] * skd
+    dv_ptrs = DV + b * svb + h * svh + start_n.to(tl.int64) * svn + offs_n[:, None] * svn + offs_d[None, :] * svd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+@triton.autotune(configs=_bwd_configs(), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE"])
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    sib, sih, sim, sit,
+    scb, sch, scm,
+    H, q_len, k_len, head_dim, qk_scale, sm_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    row = start_m // BLOCK_Q
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = (start_m + offs_m) < q_len
+    d_valid = offs_d < head_dim
+    md_mask = m_valid[:, None] & d_valid[None, :]
+
+    q = tl.load(Q + b * sqb + h * sqh + start_m.to(tl.int64) * sqn + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=md_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + start_m.to(tl.int64) * sdn + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=md_mask, other=0.0)
+    row_base = pid_bh.to(tl.int64) * q_len
+    lse2 = tl.load(LSE + row_base + start_m + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + start_m + offs_m, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    idx_base = KV_IDX + b * sib + h * sih + row.to(tl.int64) * sim
+    cnt = tl.load(KV_CNT + b * scb + h * sch + row * scm)
+
+    for t in range(0, cnt):
+        j = tl.load(idx_base + t * sit).to(tl.int64)
+        for sub in tl.static_range(BLOCK_K // BLOCK_N):
+            start_n = j * BLOCK_K + sub * BLOCK_N
+            n_valid = (start_n + offs_n) < k_len
+            kt = tl.load(k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            vt = tl.load(v_base + start_n * svn + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                         mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(n_valid[None, :], p, 0.0)
+            dp = _dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, IEEE)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * sqb + h * sqh + start_m.to(tl.int64) * sqn + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+             dq.to(DQ.dtype.element_ty), mask=md_mask)
+
+
+# ------------------------------------------------------------------------------------ launch
+def _tiles(block_q: int, block_k: int, head_dim: int, backward: bool) -> tuple[int, int, int]:
+    """Kernel tile (BLOCK_M, BLOCK_N, BLOCK_D) for a mask block shape; tiles divide the blocks."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    big_d = block_d > 128
+    if backward:
+        bm, bn = min(block_q, 64), min(block_k, 64 if big_d else 128)
+    else:
+        bm, bn = min(block_q, 64 if big_d else 128), min(block_k, 32 if big_d else 64)
+    return bm, bn, block_d
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())
+
+
+def _table(idx: torch.Tensor, cnt: torch.Tensor, b: int, h: int):
+    """Broadcast an index table to (b, h, ...) as a stride-0 view (no copy)."""
+    return idx.expand(b, h, -1, -1), cnt.expand(b, h, -1)
+
+
+def _forward(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, scale: float):
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    o = torch.empty_like(q)  # keeps q's strides: a BNHD view in gives a BNHD-contiguous output
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    kv_idx, kv_cnt = _table(kv_idx, kv_cnt, b, h)
+    bm, bn, bd = _tiles(block_q, block_k, d, backward=False)
+    grid = (triton.cdiv(lq, bm), b * h)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, kv_idx, kv_cnt,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(o),
+        lse.stride(0), lse.stride(1),
+        *_strides4(kv_idx), *kv_cnt.stride(),
+        h, lq, lk, d, scale * _LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        EVEN_Q=lq % bm == 0, EVEN_K=lk % bn == 0, EVEN_D=bd == d, IEEE=q.dtype == torch.float32,
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, block_k: int, scale: float):
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    bm, bn, bd = _tiles(block_q, block_k, d, backward=True)
+    delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(lq, 64), b * h)](
+        o, do, delta, *_strides4(o), *_strides4(do), h, lq, d, BLOCK=64, BLOCK_D=bd,
+    )
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ieee = q.dtype == torch.float32
+    q_idx, q_cnt = _table(q_idx, q_cnt, b, h)
+    kv_idx, kv_cnt = _table(kv_idx, kv_cnt, b, h)
+    common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee)
+    # dK/dV are written with k's/v's strides (torch.empty_like keeps them)
+    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
+        q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
+        *_strides4(q_idx), *q_cnt.stride(),
+        h, lq, lk, d, scale * _LOG2E, scale, **common,
+    )
+    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
+        q, k, v, do, lse, delta, dq, kv_idx, kv_cnt,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
+        *_strides4(kv_idx), *kv_cnt.stride(),
+        h, lq, lk, d, scale * _LOG2E, scale, **common,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- custom op (torch.compile-able)
+@torch.library.custom_op("vidsparse::block_sparse_attn_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_idx: torch.Tensor, kv_cnt: torch.Tensor, q_idx: torch.Tensor, q_cnt: torch.Tensor,
+    block_q: int, block_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, kv_idx, kv_cnt, block_q, block_k, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, kv_idx, kv_cnt, q_idx, q_cnt, block_q, block_k, scale):
+    b, h, lq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("vidsparse::block_sparse_attn_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    kv_idx: torch.Tensor, kv_cnt: torch.Tensor, q_idx: torch.Tensor, q_cnt: torch.Tensor,
+    block_q: int, block_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q, block_k, scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q, block_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_idx, kv_cnt, q_idx, q_cnt, block_q, block_k, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt)
+    ctx.block_q, ctx.block_k, ctx.scale = block_q, block_k, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_backward(ctx, do, _dlse):
+    q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt = ctx.saved_tensors
+    if q_idx.numel() == 0:
+        raise RuntimeError("vidsparse: backward through an attention call made without gradients enabled")
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, ctx.block_q, ctx.block_k, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """BHND-contiguous or BNHD-contiguous views pass as they are; anything else is copied.
+
+    Outputs and gradients are allocated with ``empty_like`` and written with the input's
+    strides, which is only right for such dense layouts (a slice of a fused QKV is not).
+    """
+    if t.is_contiguous() or t.transpose(1, 2).is_contiguous():
+        return t
+    return t.contiguous()
+
+
+def attention(q, k, v, mask: BlockMask, scale: float):
+    """Block-sparse attention on (B, H, N, D) views; returns (o, lse) with autograd.
+
+    The transposed index table needed by backward is built (and cached on the mask) only when a
+    gradient is required.
+    """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad:
+        q_idx, q_cnt = mask.q_indices, mask.q_counts
+    else:
+        q_idx = q_cnt = torch.empty(0, 0, 0, 0, dtype=torch.int32, device=q.device)
+    q, k, v = _dense(q), _dense(k), _dense(v)
+    return _fwd_op(q, k, v, mask.kv_indices, mask.kv_counts, q_idx, q_cnt, mask.block_q, mask.block_k, float(scale))

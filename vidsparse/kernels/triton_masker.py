@@ -1,0 +1,173 @@
+"""Fused GPU predictor for the hybrid Top-k + Top-p block mask.
+
+Same rule and conventions as :func:`vidsparse.maskers.hybrid.hybrid_block_mask` (the eager
+version, which is the oracle in tests), in three launches:
+
+1. ``_pool_kernel`` mean-pools Q and K blocks straight from their (bf16/fp16/fp32) storage;
+2. one batched matmul gives the pooled scores (B, H, NQB, NKB);
+3. ``_select_kernel``, one program per (batch*head, query block): softmax over the row, one sort
+   of (probability, index) pairs packed into int64 keys (ties -> lower index first, as the eager
+   stable sort), fp32 cumulative sum for Top-p, union with Top-k, optional sink/diagonal priors,
+   and a second sort that compacts the kept key blocks into the ascending index table.
+
+It writes the dense block map and the index table at once, so the BlockMask needs no further
+conversion before the forward kernel. Only the cumulative sum's summation order differs from
+torch.cumsum, so a row whose running sum lands within float rounding of p may keep one block
+more or less than the eager masker.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import check_fraction, to_bhnd
+from ..mask import BlockMask, check_block_size, num_blocks
+
+
+@triton.jit
+def _pool_kernel(
+    X, OUT, sxb, sxh, sxn, sxd, H, length, head_dim,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start = pid_n * BLOCK
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = (start + offs) < length
+    x = tl.load(
+        X + b * sxb + h * sxh + start.to(tl.int64) * sxn + offs[:, None] * sxn + offs_d[None, :] * sxd,
+        mask=valid[:, None] & (offs_d < head_dim)[None, :], other=0.0,
+    )
+    n = tl.minimum(length - start, BLOCK).to(tl.float32)  # the tail block averages its real tokens
+    mean = tl.sum(x.to(tl.float32), 0) / n
+    nb = tl.cdiv(length, BLOCK)
+    tl.store(OUT + (pid_bh.to(tl.int64) * nb + pid_n) * head_dim + offs_d, mean, mask=offs_d < head_dim)
+
+
+@triton.jit
+def _select_kernel(
+    SCORES, DENSE, KV_IDX, KV_CNT, NK, TOPP,
+    H, nqb, nkb, q_len, block_q, block_k,
+    NKB_P2: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % H
+    base = (pid_bh.to(tl.int64) * nqb + row) * nkb
+    offs = tl.arange(0, NKB_P2)
+    valid = offs < nkb
+
+    s = tl.load(SCORES + base + offs, mask=valid, other=float("-inf"))
+    s = s - tl.max(s, 0)
+    e = tl.where(valid, tl.exp(s), 0.0)
+    prob = e / tl.sum(e, 0)
+
+    # descending by probability, ties by lower index: probabilities are >= 0, so their fp32 bit
+    # patterns order like the values; padding (prob 0, index >= nkb) sorts after every real block
+    bits = prob.to(tl.int32, bitcast=True).to(tl.int64)
+    key = (bits << 32) | (NKB_P2 - 1 - offs).to(tl.int64)
+    key = tl.sort(key, 0, descending=True)
+    sorted_prob = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    sorted_idx = (NKB_P2 - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
+
+    n_keep = tl.load(NK + h)  # Top-k count (0 when Top-k is off), already floored and >= 1
+    p = tl.load(TOPP + h)  # Top-p mass (< 0 when Top-p is off)
+    csum = tl.cumsum(sorted_prob, 0)
+    n_p = 1 + tl.sum(((csum < p) & (offs < nkb)).to(tl.int32), 0)
+    n_p = tl.where(p >= 1.0, nkb, n_p)
+    n_p = tl.where(p < 0.0, 0, n_p)
+    n_keep = tl.minimum(tl.maximum(tl.maximum(n_keep, n_p), 1), nkb)
+    keep = offs < n_keep  # in sorted order
+
+    if KEEP_SINK:
+        keep = keep | (sorted_idx == 0)
+    if KEEP_DIAG:
+        q_start = row * block_q
+        q_end = tl.minimum(q_start + block_q, q_len)
+        k_start = sorted_idx * block_k
+        keep = keep | ((k_start < q_end) & (k_start + block_k > q_start))
+    keep = keep & (sorted_idx < nkb)
+
+    tl.store(DENSE + base + sorted_idx, keep.to(tl.int8), mask=sorted_idx < nkb)
+    # compaction: kept indices first, ascending; dropped ones after (padding)
+    compact = tl.sort(tl.where(keep, sorted_idx, sorted_idx + NKB_P2), 0)
+    compact = tl.where(compact >= NKB_P2, compact - NKB_P2, compact)
+    tl.store(KV_IDX + base + offs, compact, mask=valid)
+    tl.store(KV_CNT + pid_bh.to(tl.int64) * nqb + row, tl.sum(keep.to(tl.int32), 0))
+
+
+def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, L, D) any float dtype -> (B, H, ceil(L/block), D) float32 block means."""
+    b, h, length, d = x.shape
+    nb = num_blocks(length, block)
+    out = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
+    _pool_kernel[(nb, b * h)](
+        x, out, *x.stride(), h, length, d,
+        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4,
+    )
+    return out
+
+
+def _per_head(value, heads: int, device, fill: float) -> torch.Tensor:
+    if value is None:
+        return torch.full((heads,), fill, dtype=torch.float32, device=device)
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).contiguous()
+    return torch.full((heads,), float(value), dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def fused_hybrid_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    topk=0.03,
+    topp=0.2,
+    block_q: int = 128,
+    block_k: int = 64,
+    scale: float | None = None,
+    layout: str = "bhnd",
+    keep_diagonal: bool = False,
+    keep_sink: bool = False,
+) -> BlockMask:
+    """GPU version of :func:`vidsparse.hybrid_block_mask`; same arguments, same result."""
+    q, k, _ = to_bhnd(q, k, k, layout)
+    check_block_size("block_q", block_q)
+    check_block_size("block_k", block_k)
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    topk = check_fraction("topk", topk, h)
+    topp = check_fraction("topp", topp, h)
+    if topk is None and topp is None:
+        raise ValueError("at least one of topk and topp must be given (use 1.0 for dense)")
+    if keep_diagonal and lq != lk:
+        raise ValueError(f"keep_diagonal needs self-attention (q_len == k_len), got {lq} and {lk}")
+    scale = d ** -0.5 if scale is None else scale
+    nqb, nkb = num_blocks(lq, block_q), num_blocks(lk, block_k)
+
+    scores = torch.matmul(pool_blocks(q, block_q), pool_blocks(k, block_k).transpose(-1, -2))
+    scores.mul_(scale)
+    nk = _per_head(topk, h, q.device, 0.0)
+    # same rounding as the eager masker: floor with a minimum of one block
+    nk = torch.where(nk > 0, torch.floor(nk * nkb + 1e-6).clamp(min=1), 0).to(torch.int32)
+    tp = _per_head(topp, h, q.device, -1.0)
+
+    dense = torch.empty(b, h, nqb, nkb, dtype=torch.int8, device=q.device)
+    kv_idx = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=q.device)
+    kv_cnt = torch.empty(b, h, nqb, dtype=torch.int32, device=q.device)
+    nkb_p2 = max(16, triton.next_power_of_2(nkb))
+    _select_kernel[(nqb, b * h)](
+        scores, dense, kv_idx, kv_cnt, nk, tp,
+        h, nqb, nkb, lq, block_q, block_k,
+        NKB_P2=nkb_p2, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
+        num_warps=4 if nkb_p2 <= 1024 else 8,
+    )
+    return BlockMask(
+        block_q=block_q, block_k=block_k, q_len=lq, k_len=lk,
+        dense=dense.view(torch.bool), kv_indices=kv_idx, kv_counts=kv_cnt, _kv_normalised=True,
+    )
