@@ -38,6 +38,14 @@ def check_block_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
+def _check_geometry(block_q, block_k, q_len, k_len) -> None:
+    check_block_size("block_q", block_q)
+    check_block_size("block_k", block_k)
+    for name, val in (("q_len", q_len), ("k_len", k_len)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
 def _dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., N) bool -> ascending kept indices (..., N) int32 (kept first) and counts (...)."""
     n = dense.shape[-1]
@@ -81,11 +89,7 @@ class BlockMask:
         kv_counts: torch.Tensor | None = None,
         _kv_normalised: bool = False,
     ):
-        check_block_size("block_q", block_q)
-        check_block_size("block_k", block_k)
-        for name, val in (("q_len", q_len), ("k_len", k_len)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        _check_geometry(block_q, block_k, q_len, k_len)
         self.block_q, self.block_k, self.q_len, self.k_len = block_q, block_k, q_len, k_len
         nqb, nkb = self.num_q_blocks, self.num_k_blocks
         if dense is None and kv_indices is None:
@@ -119,6 +123,8 @@ class BlockMask:
         self._kv = None if kv_indices is None else (kv_indices, kv_counts)
         # a table from our own maskers is already sorted and duplicate-free; a user's is normalised
         self._kv_normalised = _kv_normalised or dense is not None
+        if self._kv is not None and not self._kv_normalised:
+            self._check_kv_table()  # a user's table: fail here, not at first use
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
@@ -130,7 +136,8 @@ class BlockMask:
             raise TypeError(f"block_map must be a torch.Tensor, got {type(block_map).__name__}")
         if block_map.dim() == 2:
             block_map = block_map[None, None]
-        return cls(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, dense=block_map.bool())
+        # no .bool() here: a float map (e.g. block probabilities) would silently become all-True
+        return cls(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, dense=block_map)
 
     @classmethod
     def from_indices(
@@ -155,6 +162,7 @@ class BlockMask:
         device: torch.device | str | None = None,
     ) -> "BlockMask":
         """A mask that keeps every block (dense attention)."""
+        _check_geometry(block_q, block_k, q_len, k_len)  # before the sizes are used below
         nqb, nkb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
         dense = torch.ones(batch, heads, nqb, nkb, dtype=torch.bool, device=device)
         return cls(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, dense=dense)
@@ -185,17 +193,20 @@ class BlockMask:
         idx, cnt = self._kv
         b, h, nqb, w = idx.shape
         valid = torch.arange(w, device=idx.device) < cnt[..., None]
-        if not self._kv_normalised:
-            if bool((cnt < 0).any()) or bool((cnt > w).any()):
-                raise ValueError(f"kv_counts must lie in [0, {w}] (the width of kv_indices)")
-            used = idx[valid]
-            if used.numel() and (bool((used < 0).any()) or bool((used >= self.num_k_blocks).any())):
-                raise ValueError(f"kv_indices must lie in [0, {self.num_k_blocks}) (key blocks)")
         out = torch.zeros(b, h, nqb, self.num_k_blocks + 1, dtype=torch.bool, device=idx.device)
         # invalid slots are scattered into the extra column, then dropped
         target = torch.where(valid, idx.long().clamp(0, self.num_k_blocks - 1), self.num_k_blocks)
         out.scatter_(-1, target, True)
         return out[..., : self.num_k_blocks].contiguous()
+
+    def _check_kv_table(self) -> None:
+        idx, cnt = self._kv
+        w = idx.shape[-1]
+        if bool((cnt < 0).any()) or bool((cnt > w).any()):
+            raise ValueError(f"kv_counts must lie in [0, {w}] (the width of kv_indices)")
+        used = idx[torch.arange(w, device=idx.device) < cnt[..., None]]
+        if used.numel() and (bool((used < 0).any()) or bool((used >= self.num_k_blocks).any())):
+            raise ValueError(f"kv_indices must lie in [0, {self.num_k_blocks}) (key blocks)")
 
     @cached_property
     def _kv_table(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,17 +50,32 @@ def _chunk_probs(qc, k, tmask, scale, lse=None):
     return p, lse
 
 
+def _pv_nonfinite(p, v, v_bad, tmask):
+    """p @ v when v holds NaN/inf. A plain matmul also multiplies the zero probabilities of
+    skipped keys by their values (0 * nan = nan), poisoning every row; here a non-finite value
+    reaches only the rows that keep its key, as in a kernel that skips the dropped blocks."""
+    o = p @ v.masked_fill(v_bad, 0)
+    kept = tmask.to(v.dtype)
+    nan_hit = (kept @ v.isnan().to(v.dtype)) > 0
+    pos_hit = (kept @ (v == float("inf")).to(v.dtype)) > 0
+    neg_hit = (kept @ (v == float("-inf")).to(v.dtype)) > 0
+    o = o.masked_fill(pos_hit, float("inf")).masked_fill(neg_hit, float("-inf"))
+    return o.masked_fill(nan_hit | (pos_hit & neg_hit), float("nan"))
+
+
 class _ReferenceAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask: BlockMask, scale: float):
         cdt = _compute_dtype(q.dtype)
         b, h, lq, d = q.shape
         kc, vc = k.to(cdt), v.to(cdt)
+        v_bad = None if bool(torch.isfinite(vc).all()) else ~torch.isfinite(vc)
         out = torch.empty(b, h, lq, v.shape[-1], dtype=cdt, device=q.device)
         lse = torch.empty(b, h, lq, dtype=cdt, device=q.device)
         for rows in _row_chunks(mask, b, h, k.shape[2]):
-            p, lse_c = _chunk_probs(q[:, :, rows].to(cdt), kc, mask.token_mask(rows), scale)
-            out[:, :, rows] = p @ vc
+            tmask = mask.token_mask(rows)
+            p, lse_c = _chunk_probs(q[:, :, rows].to(cdt), kc, tmask, scale)
+            out[:, :, rows] = p @ vc if v_bad is None else _pv_nonfinite(p, vc, v_bad, tmask)
             lse[:, :, rows] = lse_c
         ctx.mask, ctx.scale = mask, scale
         ctx.save_for_backward(q, k, v, out, lse)

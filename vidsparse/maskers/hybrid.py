@@ -72,6 +72,13 @@ def _per_row(value, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(value), device=like.device)
 
 
+def topk_blocks(topk: torch.Tensor, nkb: int) -> torch.Tensor:
+    """Top-k block count: floor(topk * NKB) with a minimum of 1 (int64, same shape as topk)."""
+    # k arrives as float32 (float32(0.13) * 900 = 116.99999...): a relative tolerance in
+    # float64 keeps such exact products from flooring one block short
+    return torch.floor(topk.double() * nkb * (1 + 1e-6)).long().clamp(min=1)
+
+
 def select_hybrid(
     probs: torch.Tensor, *, topk=None, topp=None
 ) -> torch.Tensor:
@@ -88,9 +95,7 @@ def select_hybrid(
     vals, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     n_keep = torch.ones(probs.shape[:-1], dtype=torch.long, device=probs.device)
     if topk is not None:
-        k_frac = _per_row(topk, probs)
-        # the epsilon keeps e.g. 0.3 * 10 == 3 from flooring to 2 after float rounding
-        n_k = torch.floor(k_frac * nkb + 1e-6).long().clamp(min=1)
+        n_k = topk_blocks(_per_row(topk, probs), nkb)
         n_keep = torch.maximum(n_keep, n_k.expand_as(n_keep))
     if topp is not None:
         p = _per_row(topp, probs)
@@ -159,7 +164,7 @@ def hybrid_block_mask(
     topp = check_fraction("topp", topp, heads)
     if topk is None and topp is None:
         raise ValueError("at least one of topk and topp must be given (use 1.0 for dense)")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     probs = pooled_block_scores(q, k, block_q=block_q, block_k=block_k, scale=scale)
     dense = select_hybrid(probs, topk=topk, topp=topp)

@@ -1,0 +1,116 @@
+"""FlexAttention backend: block-sparse attention through ``torch.nn.attention.flex_attention``.
+
+Opt-in only (``backend="flex"``; "auto" never picks it, see :mod:`vidsparse.dispatch`). The mask
+goes through :meth:`vidsparse.BlockMask.to_flex`: kept blocks become FlexAttention "full" blocks
+plus a ``mask_mod`` that looks the block map up per token, so both of FlexAttention's execution
+paths see the same kept set.
+
+How it runs, per device (measured with torch 2.13 on a 2-core CPU; the CUDA path is the same code
+as on the GPU machines' torch 2.11 but was not timed here):
+
+* **CUDA**: ``torch.compile(flex_attention)``, compiled once per process and cached in this
+  module; Inductor generates a fused Triton kernel that visits only the kept blocks, forward and
+  backward. Each new (shape, dtype) compiles again (torch.compile's own cache and recompile rules).
+* **CPU**: *eager* ``flex_attention``, forward only. Compiled CPU FlexAttention cannot return the
+  log-sum-exp ("torch.compile on CPU only supports inference and `return_lse` is not supported
+  yet", torch 2.13), and every backend must return it. Eager FlexAttention is unfused: it
+  materialises the (B, H, Lq, Lk) score matrix, like dense SDPA, and costs about 1.8 s on the first
+  call in a process (Dynamo traces it), 0.1-0.5 s for each new shape, ~0.01 s at small shapes after
+  that. Compiling on CPU (no LSE) cost 6.5-8 s per new shape cold. So on CPU this backend is a
+  cross-check of the mask conversion against the reference, not a fast path.
+
+The LSE comes back in natural log: FlexAttention's kernels keep base-2 statistics but its public
+function rescales them by ln 2 before returning (torch >= 2.5); the tests compare it with the
+reference's natural-log LSE.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import warnings
+
+import torch
+
+from ..mask import BlockMask
+
+name = "flex"
+
+_compiled_flex = None  # torch.compile(flex_attention), built on the first CUDA call
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_module():
+    """The FlexAttention module, or None when this torch has none (or too old a one)."""
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError:
+        return None
+    # BlockMask.to_flex passes seq_lengths, which is what makes partial tail blocks correct
+    if "seq_lengths" not in inspect.signature(fa.BlockMask.from_kv_blocks).parameters:
+        return None
+    return fa
+
+
+def not_supported_reasons(q, k, v, mask, *, needs_grad: bool, explicit: bool) -> list[str]:
+    reasons = []
+    fa = _flex_module()
+    if fa is None:
+        reasons.append(f"torch {torch.__version__} has no usable FlexAttention (BlockMask.from_kv_blocks with seq_lengths)")
+    elif not torch._dynamo.is_dynamo_supported():
+        reasons.append("FlexAttention needs TorchDynamo, which this Python/torch build does not support")
+    device = q.device.type
+    if device == "cpu":
+        if needs_grad:
+            reasons.append(
+                "FlexAttention has no CPU backward (inputs require grad); use backend='reference' "
+                "or run under torch.no_grad()"
+            )
+    elif device == "cuda":
+        if q.dtype == torch.float64:
+            reasons.append("float64 is not supported by the compiled FlexAttention CUDA kernels; use backend='reference'")
+        if q.shape[-1] < 16:
+            reasons.append(f"compiled FlexAttention on CUDA needs head_dim >= 16, got {q.shape[-1]}")
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("compiled FlexAttention on CUDA needs Triton, which is not installed")
+    else:
+        reasons.append(f"FlexAttention runs on CPU and CUDA only, got {q.device}")
+    return reasons
+
+
+def _lse_request(fa) -> dict:
+    # return_aux=AuxRequest(lse=True) replaced the deprecated return_lse=True (torch >= 2.9);
+    # older torch only has the latter
+    if hasattr(fa, "AuxRequest"):
+        return {"return_aux": fa.AuxRequest(lse=True)}
+    return {"return_lse": True}
+
+
+def _unpack(result):
+    out, aux = result
+    return out, (aux.lse if hasattr(aux, "lse") else aux)
+
+
+def attention(q, k, v, mask: BlockMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention on (B, H, N, D) tensors; returns (o (B, H, Lq, D), lse (B, H, Lq))."""
+    global _compiled_flex
+    fa = _flex_module()
+    block_mask = mask.to_flex()
+    kwargs = dict(block_mask=block_mask, scale=scale, **_lse_request(fa))
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(fa.flex_attention)
+        o, lse = _unpack(_compiled_flex(q, k, v, **kwargs))
+    else:
+        # flex_attention rejects CPU inputs that require grad even under no_grad; the dispatcher
+        # only sends CPU work here when no backward is needed, so detaching loses nothing
+        q, k, v = q.detach(), k.detach(), v.detach()
+        with warnings.catch_warnings():
+            # eager use is deliberate on CPU (see the module docstring); silence the advice
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            warnings.filterwarnings("ignore", message="return_lse is deprecated")
+            o, lse = _unpack(fa.flex_attention(q, k, v, **kwargs))
+    # the LSE carries no gradient in vidsparse's contract (as in the reference backend)
+    lse = lse.detach()
+    return o, (lse if lse.dtype == torch.float64 else lse.float())
