@@ -68,16 +68,28 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-def _fwd_configs():
+# VIDSPARSE_AUTOTUNE=0 uses the first (default) config of each kernel: fast start-up for tests.
+_AUTOTUNE = not _INTERPRET and os.environ.get("VIDSPARSE_AUTOTUNE", "1") != "0"
+
+
+def _configs(options):
+    """options: (meta-kwargs, num_warps, num_stages) tuples, the default first."""
     if _INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({}, num_warps=w, num_stages=s)
-        for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4))
-    ]
+        return [triton.Config(options[0][0], num_warps=4, num_stages=1)]
+    chosen = options if _AUTOTUNE else options[:1]
+    return [triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in chosen]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_K", "IEEE"])
+# G = mask blocks gathered into one key tile: two 64-key blocks make a 128-wide tile, which keeps
+# the tensor cores busier than a 64-wide one even though the two blocks are not adjacent.
+_FWD_OPTIONS = [({"G": 2}, 8, 3), ({"G": 1}, 8, 3), ({"G": 2}, 8, 2), ({"G": 2}, 8, 4), ({"G": 1}, 4, 3),
+                ({"G": 2}, 4, 3), ({"G": 1}, 8, 4)]
+_DQ_OPTIONS = [({"G": 1}, 8, 2), ({"G": 2}, 8, 2), ({"G": 1}, 4, 3), ({"G": 2}, 8, 3), ({"G": 1}, 8, 3)]
+_DKDV_OPTIONS = [({"SUB_M": 64}, 4, 3), ({"SUB_M": 128}, 8, 2), ({"SUB_M": 64}, 4, 2), ({"SUB_M": 128}, 4, 2),
+                 ({"SUB_M": 64}, 8, 3), ({"SUB_M": 128}, 8, 3)]
+
+
+@triton.autotune(configs=_configs(_FWD_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_K", "IEEE"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KV_IDX, KV_CNT,
@@ -92,6 +104,7 @@ def _fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+    G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -101,7 +114,6 @@ def _fwd_kernel(
     row = start_m // BLOCK_Q  # the mask row this tile lies in
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = (start_m + offs_m) < q_len
     d_valid = offs_d < head_dim
@@ -121,21 +133,25 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for t in range(0, cnt):
-        j = tl.load(idx_base + t * sit).to(tl.int64)
+    offs_g = tl.arange(0, G * BLOCK_N)
+    slot = offs_g // BLOCK_N  # which of the G gathered mask blocks each tile column belongs to
+    col_in_blk = offs_g % BLOCK_N
+    for t in range(0, cnt, G):
+        slot_ok = (t + slot) < cnt
+        j = tl.load(idx_base + (t + slot) * sit, mask=slot_ok, other=0).to(tl.int64)
         for sub in tl.static_range(BLOCK_K // BLOCK_N):
-            start_n = j * BLOCK_K + sub * BLOCK_N
-            k_ptrs = k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd
-            v_ptrs = v_base + start_n * svn + offs_n[:, None] * svn + offs_d[None, :] * svd
-            n_valid = (start_n + offs_n) < k_len
-            if EVEN_K and EVEN_D:
+            key_pos = j * BLOCK_K + sub * BLOCK_N + col_in_blk
+            n_valid = slot_ok & (key_pos < k_len)
+            k_ptrs = k_base + key_pos[None, :] * skn + offs_d[:, None] * skd
+            v_ptrs = v_base + key_pos[:, None] * svn + offs_d[None, :] * svd
+            if EVEN_K and EVEN_D and G == 1:
                 kt = tl.load(k_ptrs)
                 vv = tl.load(v_ptrs)
             else:
                 kt = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
                 vv = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
-            if not EVEN_K:
+            s = _dot(q, kt, tl.zeros([BLOCK_M, G * BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+            if (not EVEN_K) or G > 1:
                 s = tl.where(n_valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a tile with every key masked keeps m = -inf: shift by 0 instead of NaN
@@ -181,13 +197,7 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs, delta, mask=offs < q_len)
 
 
-def _bwd_configs():
-    if _INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))]
-
-
-@triton.autotune(configs=_bwd_configs(), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE"])
+@triton.autotune(configs=_configs(_DKDV_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE"])
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
@@ -199,8 +209,10 @@ def _bwd_dkdv_kernel(
     scb, sch, scm,
     H, q_len, k_len, head_dim, qk_scale, sm_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
 ):
+    # SUB_M query rows per step (capped by the mask's block_q)
+    BLOCK_M: tl.constexpr = SUB_M if SUB_M < BLOCK_Q else BLOCK_Q
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -254,7 +266,7 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE"])
+@triton.autotune(configs=_configs(_DQ_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
@@ -267,6 +279,7 @@ def _bwd_dq_kernel(
     H, q_len, k_len, head_dim, qk_scale, sm_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -276,7 +289,6 @@ def _bwd_dq_kernel(
     row = start_m // BLOCK_Q
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = (start_m + offs_m) < q_len
     d_valid = offs_d < head_dim
@@ -296,19 +308,23 @@ def _bwd_dq_kernel(
     idx_base = KV_IDX + b * sib + h * sih + row.to(tl.int64) * sim
     cnt = tl.load(KV_CNT + b * scb + h * sch + row * scm)
 
-    for t in range(0, cnt):
-        j = tl.load(idx_base + t * sit).to(tl.int64)
+    offs_g = tl.arange(0, G * BLOCK_N)
+    slot = offs_g // BLOCK_N
+    col_in_blk = offs_g % BLOCK_N
+    for t in range(0, cnt, G):
+        slot_ok = (t + slot) < cnt
+        j = tl.load(idx_base + (t + slot) * sit, mask=slot_ok, other=0).to(tl.int64)
         for sub in tl.static_range(BLOCK_K // BLOCK_N):
-            start_n = j * BLOCK_K + sub * BLOCK_N
-            n_valid = (start_n + offs_n) < k_len
-            kt = tl.load(k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            key_pos = j * BLOCK_K + sub * BLOCK_N + col_in_blk
+            n_valid = slot_ok & (key_pos < k_len)
+            kt = tl.load(k_base + key_pos[None, :] * skn + offs_d[:, None] * skd,
                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-            vt = tl.load(v_base + start_n * svn + offs_n[None, :] * svn + offs_d[:, None] * svd,
+            vt = tl.load(v_base + key_pos[None, :] * svn + offs_d[:, None] * svd,
                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+            s = _dot(q, kt, tl.zeros([BLOCK_M, G * BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(n_valid[None, :], p, 0.0)
-            dp = _dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+            dp = _dot(do, vt, tl.zeros([BLOCK_M, G * BLOCK_N], dtype=tl.float32), IEEE)
             ds = p * (dp - delta[:, None])
             dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, IEEE)
 
@@ -319,11 +335,15 @@ def _bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------------ launch
 def _tiles(block_q: int, block_k: int, head_dim: int, backward: bool) -> tuple[int, int, int]:
-    """Kernel tile (BLOCK_M, BLOCK_N, BLOCK_D) for a mask block shape; tiles divide the blocks."""
+    """Kernel tile (BLOCK_M, BLOCK_N, BLOCK_D) for a mask block shape; tiles divide the blocks.
+
+    BLOCK_N is the part of one mask key block handled per step (autotuning may gather G of them
+    into one tile); in dK/dV, BLOCK_N keys per program and the query sub-tile is autotuned.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
     big_d = block_d > 128
     if backward:
-        bm, bn = min(block_q, 64), min(block_k, 64 if big_d else 128)
+        bm, bn = min(block_q, 64 if big_d else 128), min(block_k, 32 if big_d else 64)
     else:
         bm, bn = min(block_q, 64 if big_d else 128), min(block_k, 32 if big_d else 64)
     return bm, bn, block_d
@@ -372,7 +392,7 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
     ieee = q.dtype == torch.float32
     q_idx, q_cnt = _table(q_idx, q_cnt, b, h)
     kv_idx, kv_cnt = _table(kv_idx, kv_cnt, b, h)
-    common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee)
+    common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee)
     # dK/dV are written with k's/v's strides (torch.empty_like keeps them)
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
         q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt,
@@ -380,6 +400,7 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
         *_strides4(q_idx), *q_cnt.stride(),
         h, lq, lk, d, scale * _LOG2E, scale, **common,
     )
+    common["BLOCK_M"] = bm
     _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
         q, k, v, do, lse, delta, dq, kv_idx, kv_cnt,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .._validation import check_fraction, to_bhnd
 from ..mask import BlockMask, check_block_size, num_blocks
+from ..maskers.hybrid import topk_blocks
 
 
 @triton.jit
@@ -113,12 +114,29 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return out
 
 
-def _per_head(value, heads: int, device, fill: float) -> torch.Tensor:
-    if value is None:
-        return torch.full((heads,), fill, dtype=torch.float32, device=device)
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=torch.float32).contiguous()
-    return torch.full((heads,), float(value), dtype=torch.float32, device=device)
+_PARAM_CACHE: dict = {}
+
+
+def _row_params(topk, topp, heads: int, nkb: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head Top-k block counts (int32, 0 = rule off) and Top-p masses (float32, -1 = off).
+
+    Scalar settings are cached per (value, heads, NKB, device): building them costs several small
+    launches, which would dominate a ~0.1 ms prediction.
+    """
+    key = None
+    if not isinstance(topk, torch.Tensor) and not isinstance(topp, torch.Tensor):
+        key = (topk, topp, heads, nkb, str(device))
+        hit = _PARAM_CACHE.get(key)
+        if hit is not None:
+            return hit
+    k = torch.as_tensor(0.0 if topk is None else topk, dtype=torch.float32).expand(heads).to(device)
+    nk = torch.where(k > 0, topk_blocks(k, nkb), 0).to(torch.int32).contiguous()
+    tp = torch.as_tensor(-1.0 if topp is None else topp, dtype=torch.float32).expand(heads).to(device).contiguous()
+    if key is not None:
+        if len(_PARAM_CACHE) > 256:
+            _PARAM_CACHE.clear()
+        _PARAM_CACHE[key] = (nk, tp)
+    return nk, tp
 
 
 @torch.no_grad()
@@ -152,10 +170,7 @@ def fused_hybrid_block_mask(
 
     scores = torch.matmul(pool_blocks(q, block_q), pool_blocks(k, block_k).transpose(-1, -2))
     scores.mul_(scale)
-    nk = _per_head(topk, h, q.device, 0.0)
-    # same rounding as the eager masker: floor with a minimum of one block
-    nk = torch.where(nk > 0, torch.floor(nk * nkb + 1e-6).clamp(min=1), 0).to(torch.int32)
-    tp = _per_head(topp, h, q.device, -1.0)
+    nk, tp = _row_params(topk, topp, h, nkb, q.device)
 
     dense = torch.empty(b, h, nqb, nkb, dtype=torch.int8, device=q.device)
     kv_idx = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=q.device)
