@@ -80,11 +80,14 @@ def _configs(options):
     return [triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in chosen]
 
 
-# G = mask blocks gathered into one key tile: two 64-key blocks make a 128-wide tile, which keeps
-# the tensor cores busier than a 64-wide one even though the two blocks are not adjacent.
-_FWD_OPTIONS = [({"G": 2}, 8, 3), ({"G": 1}, 8, 3), ({"G": 2}, 8, 2), ({"G": 2}, 8, 4), ({"G": 1}, 4, 3),
-                ({"G": 2}, 4, 3), ({"G": 1}, 8, 4)]
-_DQ_OPTIONS = [({"G": 1}, 8, 2), ({"G": 2}, 8, 2), ({"G": 1}, 4, 3), ({"G": 2}, 8, 3), ({"G": 1}, 8, 3)]
+# Key tiles stay one mask block wide, walked with a scalar block index. A variant that gathered
+# two non-adjacent 64-key blocks into one 128-wide tile (per-element key indices) ran the dense
+# forward 1.4x slower than this loop (23.1 ms on an H100 vs 16.4 ms on an H200 the run before;
+# cuDNN 11.2 vs 11.6 ms there), so it was dropped. docs/results.md has the measurements.
+_FWD_OPTIONS = [({}, 8, 3), ({}, 4, 3), ({}, 8, 2), ({}, 4, 2), ({}, 8, 4)]
+# dQ: BLOCK_M query rows per program (capped by block_q in the kernel and the grid)
+_DQ_OPTIONS = [({"SUB_M": 64}, 4, 2), ({"SUB_M": 128}, 8, 2), ({"SUB_M": 64}, 4, 3), ({"SUB_M": 128}, 8, 3),
+               ({"SUB_M": 64}, 8, 2)]
 _DKDV_OPTIONS = [({"SUB_M": 64}, 4, 3), ({"SUB_M": 128}, 8, 2), ({"SUB_M": 64}, 4, 2), ({"SUB_M": 128}, 4, 2),
                  ({"SUB_M": 64}, 8, 3), ({"SUB_M": 128}, 8, 3)]
 
@@ -104,7 +107,6 @@ def _fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
-    G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -114,6 +116,7 @@ def _fwd_kernel(
     row = start_m // BLOCK_Q  # the mask row this tile lies in
 
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = (start_m + offs_m) < q_len
     d_valid = offs_d < head_dim
@@ -133,25 +136,21 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    offs_g = tl.arange(0, G * BLOCK_N)
-    slot = offs_g // BLOCK_N  # which of the G gathered mask blocks each tile column belongs to
-    col_in_blk = offs_g % BLOCK_N
-    for t in range(0, cnt, G):
-        slot_ok = (t + slot) < cnt
-        j = tl.load(idx_base + (t + slot) * sit, mask=slot_ok, other=0).to(tl.int64)
+    for t in range(0, cnt):
+        j = tl.load(idx_base + t * sit).to(tl.int64)
         for sub in tl.static_range(BLOCK_K // BLOCK_N):
-            key_pos = j * BLOCK_K + sub * BLOCK_N + col_in_blk
-            n_valid = slot_ok & (key_pos < k_len)
-            k_ptrs = k_base + key_pos[None, :] * skn + offs_d[:, None] * skd
-            v_ptrs = v_base + key_pos[:, None] * svn + offs_d[None, :] * svd
-            if EVEN_K and EVEN_D and G == 1:
+            start_n = j * BLOCK_K + sub * BLOCK_N
+            k_ptrs = k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd
+            v_ptrs = v_base + start_n * svn + offs_n[:, None] * svn + offs_d[None, :] * svd
+            n_valid = (start_n + offs_n) < k_len
+            if EVEN_K and EVEN_D:
                 kt = tl.load(k_ptrs)
                 vv = tl.load(v_ptrs)
             else:
                 kt = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
                 vv = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            s = _dot(q, kt, tl.zeros([BLOCK_M, G * BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
-            if (not EVEN_K) or G > 1:
+            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+            if not EVEN_K:
                 s = tl.where(n_valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a tile with every key masked keeps m = -inf: shift by 0 instead of NaN
@@ -266,7 +265,7 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-@triton.autotune(configs=_configs(_DQ_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE"])
+@triton.autotune(configs=_configs(_DQ_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
@@ -278,9 +277,9 @@ def _bwd_dq_kernel(
     scb, sch, scm,
     H, q_len, k_len, head_dim, qk_scale, sm_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
 ):
+    BLOCK_M: tl.constexpr = SUB_M if SUB_M < BLOCK_Q else BLOCK_Q
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -289,6 +288,7 @@ def _bwd_dq_kernel(
     row = start_m // BLOCK_Q
 
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = (start_m + offs_m) < q_len
     d_valid = offs_d < head_dim
@@ -308,23 +308,19 @@ def _bwd_dq_kernel(
     idx_base = KV_IDX + b * sib + h * sih + row.to(tl.int64) * sim
     cnt = tl.load(KV_CNT + b * scb + h * sch + row * scm)
 
-    offs_g = tl.arange(0, G * BLOCK_N)
-    slot = offs_g // BLOCK_N
-    col_in_blk = offs_g % BLOCK_N
-    for t in range(0, cnt, G):
-        slot_ok = (t + slot) < cnt
-        j = tl.load(idx_base + (t + slot) * sit, mask=slot_ok, other=0).to(tl.int64)
+    for t in range(0, cnt):
+        j = tl.load(idx_base + t * sit).to(tl.int64)
         for sub in tl.static_range(BLOCK_K // BLOCK_N):
-            key_pos = j * BLOCK_K + sub * BLOCK_N + col_in_blk
-            n_valid = slot_ok & (key_pos < k_len)
-            kt = tl.load(k_base + key_pos[None, :] * skn + offs_d[:, None] * skd,
+            start_n = j * BLOCK_K + sub * BLOCK_N
+            n_valid = (start_n + offs_n) < k_len
+            kt = tl.load(k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd,
                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-            vt = tl.load(v_base + key_pos[None, :] * svn + offs_d[:, None] * svd,
+            vt = tl.load(v_base + start_n * svn + offs_n[None, :] * svn + offs_d[:, None] * svd,
                          mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-            s = _dot(q, kt, tl.zeros([BLOCK_M, G * BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(n_valid[None, :], p, 0.0)
-            dp = _dot(do, vt, tl.zeros([BLOCK_M, G * BLOCK_N], dtype=tl.float32), IEEE)
+            dp = _dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
             ds = p * (dp - delta[:, None])
             dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, IEEE)
 
@@ -337,8 +333,8 @@ def _bwd_dq_kernel(
 def _tiles(block_q: int, block_k: int, head_dim: int, backward: bool) -> tuple[int, int, int]:
     """Kernel tile (BLOCK_M, BLOCK_N, BLOCK_D) for a mask block shape; tiles divide the blocks.
 
-    BLOCK_N is the part of one mask key block handled per step (autotuning may gather G of them
-    into one tile); in dK/dV, BLOCK_N keys per program and the query sub-tile is autotuned.
+    BLOCK_N keys of one mask key block are handled per step; in the backward kernels the query
+    tile (SUB_M) is autotuned instead of BLOCK_M.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     big_d = block_d > 128
@@ -400,8 +396,7 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
         *_strides4(q_idx), *q_cnt.stride(),
         h, lq, lk, d, scale * _LOG2E, scale, **common,
     )
-    common["BLOCK_M"] = bm
-    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(lq, min(meta["SUB_M"], block_q)), b * h)](
         q, k, v, do, lse, delta, dq, kv_idx, kv_cnt,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
         *_strides4(kv_idx), *kv_cnt.stride(),
