@@ -121,13 +121,16 @@ def bench_attention(
         add("vidsparse (incl. prediction)", t_fwd_pred, t_fb_pred, achieved, mask_ms=t_mask, mask_ms_cudagraph=t_mask_graph)
         log(f"  {'mask prediction':<34} {t_mask:.4f} ms (CUDA graph replay: {t_mask_graph} ms)")
         if flex_attention is not None:
+            from vidsparse.kernels.flex import kernel_options
+
             fm, err = _try(lambda: mask.to_flex())
+            ko = kernel_options(mask)
             f_fwd = f_fb = None
             if err is None:
-                f_fwd, err = _try(lambda: _bench(lambda: flex_attention(q, k, v, block_mask=fm), rep_ms=rep_ms))
+                f_fwd, err = _try(lambda: _bench(lambda: flex_attention(q, k, v, block_mask=fm, kernel_options=ko), rep_ms=rep_ms))
                 if backward and err is None:
                     f_fb, err = _try(lambda: _bench(
-                        fwd_bwd(lambda a, b_, c: flex_attention(a, b_, c, block_mask=fm)),
+                        fwd_bwd(lambda a, b_, c: flex_attention(a, b_, c, block_mask=fm, kernel_options=ko)),
                         grad_to_none=[qg, kg, vg], rep_ms=rep_ms))
             add("flex (same mask)", f_fwd, f_fb, achieved, note=err)
 

@@ -92,6 +92,18 @@ def _unpack(result):
     return out, (aux.lse if hasattr(aux, "lse") else aux)
 
 
+def kernel_options(mask: BlockMask) -> dict:
+    """Tile sizes for compiled FlexAttention that divide the mask's blocks.
+
+    Inductor's defaults on Hopper (e.g. 128-key tiles) do not divide a 64-key mask block, and
+    torch 2.11 then fails with "Q and KV block size must be divisible by BLOCK_M and BLOCK_N"
+    (forward) or "NoValidChoicesError" (backward) for a 128x64 mask.
+    """
+    bm, bn = min(mask.block_q, 128), min(mask.block_k, 64)
+    bwd = min(mask.block_q, mask.block_k, 64)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_M1": bwd, "BLOCK_N1": bwd, "BLOCK_M2": bwd, "BLOCK_N2": bwd}
+
+
 def attention(q, k, v, mask: BlockMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on (B, H, N, D) tensors; returns (o (B, H, Lq, D), lse (B, H, Lq))."""
     global _compiled_flex
@@ -101,7 +113,7 @@ def attention(q, k, v, mask: BlockMask, scale: float) -> tuple[torch.Tensor, tor
     if q.device.type == "cuda":
         if _compiled_flex is None:
             _compiled_flex = torch.compile(fa.flex_attention)
-        o, lse = _unpack(_compiled_flex(q, k, v, **kwargs))
+        o, lse = _unpack(_compiled_flex(q, k, v, kernel_options=kernel_options(mask), **kwargs))
     else:
         # flex_attention rejects CPU inputs that require grad even under no_grad; the dispatcher
         # only sends CPU work here when no backward is needed, so detaching loses nothing
