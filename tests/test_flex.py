@@ -104,6 +104,12 @@ def test_compiled_cpu_kernel_uses_the_converted_mask():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_forward_and_backward_match_reference(dtype):
     q, k, v, mask = _case(2, 2, 300, 200, 64, 128, 64, 1, 2, dtype=dtype, seed=8, device="cuda")
+    if dtype == torch.bfloat16:
+        # Inductor (torch 2.11, H100) builds no 16-bit backward for 128x64 blocks: refused up front
+        qq = q.detach().clone().requires_grad_()
+        with pytest.raises(NoBackendError, match="16-bit backward does not compile for non-square mask blocks"):
+            vidsparse.block_sparse_attention(qq, k, v, mask, backend="flex")
+        return
     tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     do = torch.randn_like(q)
     outs = {}

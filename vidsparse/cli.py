@@ -6,7 +6,8 @@ import argparse
 import sys
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _cmd_info(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="vidsparse info", description="Versions, GPU, and usable backends.").parse_args(argv)
     import platform
 
     import torch
@@ -42,52 +43,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+def _run_module(module: str):
+    """A subcommand implemented by ``module.main(argv)``, imported only when it is run."""
 
-    return demo_main(args.rest)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args.rest)
-
-
-def _cmd_module(module: str):
-    def run(args: argparse.Namespace) -> int:
+    def run(argv: list[str]) -> int:
         import importlib
 
-        return importlib.import_module(module).main(args.rest)
+        return importlib.import_module(module).main(argv)
 
     return run
 
 
 SUBCOMMANDS = {
-    "info": (_cmd_info, "versions, GPU, and which attention backends work here (and why not)"),
-    "demo": (_cmd_demo, "the main job: dense vs sparse generation side by side (see `vidsparse demo --help`)"),
-    "bench": (_cmd_bench, "GPU benchmarks: `vidsparse bench attention`"),
-    "eval": (_cmd_module("vidsparse.evaluation"), "validation loss and sample fidelity, dense vs sparse"),
-    "distill": (_cmd_module("vidsparse.training.distill"), "velocity-distillation fine-tuning"),
+    "info": (lambda argv: _cmd_info(argv), "versions, GPU, and which attention backends work here (and why not)"),
+    "demo": (_run_module("vidsparse.demo"), "the main job: hybrid mask + sparse attention vs dense (`vidsparse demo --help`)"),
+    "bench": (_run_module("vidsparse.bench"), "GPU benchmarks: `vidsparse bench attention --help`"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
-        prog="vidsparse", description="Block-sparse attention for video diffusion transformers."
+        prog="vidsparse", description="Block-sparse attention for video diffusion transformers.",
+        epilog="Run `vidsparse COMMAND --help` for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (fn, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, add_help=(name == "info"))
-        if name != "info":
-            # the subcommand's own parser handles its flags (and --help)
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=fn)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    parser.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND",
+                        help="; ".join(f"{name}: {text}" for name, (_, text) in SUBCOMMANDS.items()))
+    if not argv:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    if argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv[:1])
+    # each subcommand parses its own flags (and --help)
+    return int(SUBCOMMANDS[args.command][0](argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,13 @@ def not_supported_reasons(q, k, v, mask, *, needs_grad: bool, explicit: bool) ->
             reasons.append("float64 is not supported by the compiled FlexAttention CUDA kernels; use backend='reference'")
         if q.shape[-1] < 16:
             reasons.append(f"compiled FlexAttention on CUDA needs head_dim >= 16, got {q.shape[-1]}")
+        if needs_grad and q.dtype in (torch.float16, torch.bfloat16) and mask.block_q != mask.block_k:
+            # seen on an H100 with torch 2.11: Inductor finds no backward kernel for a 128x64 mask
+            # ("NoValidChoicesError ... flex_attention_backward"), even with divisible tile sizes
+            reasons.append(
+                f"FlexAttention's 16-bit backward does not compile for non-square mask blocks "
+                f"({mask.block_q}x{mask.block_k}) on torch {torch.__version__}; use backend='triton'"
+            )
         if importlib.util.find_spec("triton") is None:
             reasons.append("compiled FlexAttention on CUDA needs Triton, which is not installed")
     else:
