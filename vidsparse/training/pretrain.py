@@ -1,0 +1,847 @@
+"""Flow-matching pretraining of the tiny Wan model on the synthetic shapes videos.
+
+Run it as a module::
+
+    python -m vidsparse.training.pretrain --out runs/tiny_wan --steps 4000 --batch-size 64 \\
+        --time-limit-min 12
+
+Batches are rendered on the training device every step (no data loader). Per step: clips
+``[step * B, (step + 1) * B)`` of the "train" split, and noise / timesteps / condition dropout
+from a generator seeded by ``(seed, step)``; so the data never needs RNG state and a resumed run
+repeats the straight run exactly (bit-identical on CPU; on GPU up to non-deterministic kernels).
+
+Output directory layout::
+
+    out/
+      log.jsonl              one record per log interval ("train") and per evaluation ("eval")
+      loss_curve.png
+      summary.json
+      checkpoints/step-0000500.pt   model, EMA, optimizer, scheduler, RNG states, step, configs
+      model/                 the EMA weights in fp16, saved with save_pretrained (safetensors)
+        config.json  diffusion_pytorch_model.safetensors  MODEL_CARD.md  samples.png  loss_curve.png
+
+Training recipe: AdamW (no decay on biases, norms and modulation tables), linear warm-up then
+cosine decay, bf16 autocast on CUDA (fp32 on CPU), logit-normal or uniform t, condition dropout
+for classifier-free guidance (the all-zero embedding), gradient clipping, EMA of the weights (the
+exported model), a fixed validation batch (fixed noise and evenly spread t) for a low-variance
+validation loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ShapesConfig, describe, embed, make_batch, render, sample_conditions
+from ..models.flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample, sample_timesteps, velocity_target
+
+__all__ = ["TrainConfig", "train", "main", "flow_matching_loss", "make_optimizer", "make_scheduler", "EMA"]
+
+_CKPT_VERSION = 1
+_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run depends on. Defaults are the recommended H100 recipe.
+
+    Attributes:
+        out: output directory (see the module docstring for its layout).
+        steps: total optimizer steps; the LR schedule spans them.
+        batch_size: clips per step.
+        lr, min_lr_ratio, warmup_steps: peak LR, final LR as a fraction of it, linear warm-up.
+        weight_decay, betas: AdamW settings.
+        grad_clip: max global gradient norm (0 disables clipping).
+        ema_decay: EMA decay of the exported weights (warmed up as min(decay, (1+s)/(10+s))).
+        cond_dropout: probability of replacing a clip's condition by zeros (for CFG).
+        timesteps, t_mean, t_std: "logit-normal" (t = sigmoid(N(t_mean, t_std))) or "uniform".
+        seed: model init, data stream and noise seed (0 <= seed < 2**32).
+        device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
+        precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
+        compile: wrap the training forward in torch.compile.
+        ckpt_every, keep_checkpoints: checkpoint cadence and how many to keep (>= 1).
+        log_every, eval_every, eval_clips: logging / validation cadence and validation batch size.
+        time_limit_min: stop cleanly (checkpoint and export) before this many minutes of wall time.
+        time_reserve_s: seconds kept free at the end for the final checkpoint and export.
+        stop_at: stop (checkpoint, no export) after this step, keeping the schedule of ``steps``.
+        resume: None, "auto" (latest checkpoint in ``out``) or a checkpoint file.
+        export: write ``out/model`` (fp16 EMA, card, samples) at the end.
+        num_samples, sample_steps, guidance_scale: the sample strip made at export.
+        progress: show tqdm progress bars.
+        data: the dataset geometry; ``data.text_dim`` must equal the model's ``text_dim``.
+        model_overrides: changes to :func:`vidsparse.models.tiny_wan_config` (tests, ablations).
+        command: the command line, recorded in the model card.
+    """
+
+    out: str
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    timesteps: str = "logit-normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    eval_every: int = 250
+    eval_clips: int = 64
+    time_limit_min: float | None = None
+    time_reserve_s: float = 45.0
+    stop_at: int | None = None
+    resume: str | None = None
+    export: bool = True
+    num_samples: int = 6
+    sample_steps: int = 40
+    guidance_scale: float = 3.0
+    progress: bool = True
+    data: ShapesConfig = field(default_factory=ShapesConfig)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+        for name in ("steps", "batch_size", "ckpt_every", "keep_checkpoints", "log_every", "eval_every", "eval_clips"):
+            positive_int(name)
+        positive_int("warmup_steps", 0)
+        positive_int("num_samples", 0)
+        positive_int("sample_steps")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.timesteps not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.time_limit_min is not None and not self.time_limit_min > 0:
+            raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
+        if not isinstance(self.data, ShapesConfig):
+            raise ValueError(f"data must be a ShapesConfig, got {type(self.data).__name__}")
+        self.betas = tuple(self.betas)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (public so fine-tuning code and tests can reuse them)
+
+
+def flow_matching_loss(
+    model: torch.nn.Module, x0: torch.Tensor, cond_embeds: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """Rectified-flow loss: mean squared error between the predicted and true velocity.
+
+    x0, noise: (B, C, T, H, W); cond_embeds: (B, L, D); t: (B,) in (0, 1). Returns a float32 scalar.
+    """
+    x_t = noisy_sample(x0, noise, t)
+    pred = predict_velocity(model, x_t, t, cond_embeds)
+    return F.mse_loss(pred.float(), velocity_target(x0, noise).float())
+
+
+def make_optimizer(
+    model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = False
+) -> torch.optim.AdamW:
+    """AdamW that decays only matrices: biases, norm scales and Wan's modulation tables are exempt."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "scale_shift_table" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak LR, then cosine decay to ``min_lr_ratio`` * peak at ``total_steps``."""
+
+    def factor(step: int) -> float:  # step = optimizer steps already taken
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, kept in a separate float32 copy.
+
+    ``update(model, step)`` uses decay ``min(decay, (1 + step) / (10 + step))`` so the average is
+    not dominated by the random initialisation early on.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        ema = [p for p in self.model.parameters()]
+        cur = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema, cur, 1 - d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA if available else CPU; otherwise ``torch.device(name)`` (validated)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _hash_seed(*parts: int) -> int:
+    """Mix integers into a 63-bit seed (stable across runs and platforms)."""
+    h = 0xCBF29CE484222325
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _generator(device: torch.device, *parts: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_hash_seed(*parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Checkpoint files of a run directory, oldest first."""
+    d = _checkpoint_dir(Path(out))
+    return sorted(d.glob("step-*.pt")) if d.is_dir() else []
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a truncated checkpoint
+
+
+def _prune_checkpoints(out: Path, keep: int) -> None:
+    for old in list_checkpoints(out)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# settings that only steer a run (where it stops, what it prints) and may change on resume silently
+_RUN_CONTROL = {"out", "resume", "stop_at", "time_limit_min", "time_reserve_s", "progress", "command", "export", "steps"}
+
+
+def _changed_hyperparameters(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (old.get(k), v) for k, v in new.items() if k not in _RUN_CONTROL and old.get(k) != v}
+
+
+def _arch(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's constructor arguments (diffusers' private "_..." bookkeeping keys dropped)."""
+    return _jsonable({k: v for k, v in dict(model.config).items() if not k.startswith("_")})
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log records written after ``step`` (by a run that died after its last checkpoint)."""
+    if not log_path.exists():
+        return
+    keep = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@torch.no_grad()
+def _validation_loss(model, batch, batch_size: int, amp) -> float:
+    x0, emb, noise, t = batch
+    total = 0.0
+    for i in range(0, x0.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        with amp():
+            loss = flow_matching_loss(model, x0[sl], emb[sl], noise[sl], t[sl])
+        total += float(loss) * x0[sl].shape[0]
+    return total / x0.shape[0]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns the summary that is also written to summary.json."""
+    from tqdm.auto import tqdm
+
+    from ..models.tiny_wan import build_tiny_wan, count_parameters, describe_model, token_grid
+
+    t_start = time.monotonic()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    data = cfg.data
+    model = build_tiny_wan(seed=cfg.seed, **cfg.model_overrides)
+    if model.config.text_dim != data.text_dim:
+        raise ValueError(
+            f"model text_dim={model.config.text_dim} must equal data.text_dim={data.text_dim} "
+            "(set both, e.g. model_overrides={'text_dim': ...})"
+        )
+    grid = token_grid(model.config, data.frames, data.size, data.size)
+    model.to(device).train()
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=cuda)
+    scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+
+    # ---- resume
+    step, prev_elapsed = 0, 0.0
+    ckpts = list_checkpoints(out)
+    if cfg.resume is None and ckpts:
+        raise ValueError(f"{out} already holds checkpoints ({ckpts[-1].name}); pass resume='auto' (--resume) or a new out")
+    if cfg.resume is not None:
+        path = ckpts[-1] if cfg.resume == "auto" and ckpts else Path(cfg.resume)
+        if cfg.resume == "auto" and not ckpts:
+            raise FileNotFoundError(f"resume='auto' but {_checkpoint_dir(out)} has no checkpoints")
+        if not path.is_file():
+            raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("model_config") != _arch(model):
+            raise ValueError(f"checkpoint {path} was trained with another model config: {state.get('model_config')}")
+        if state.get("data_config") != _jsonable(data):
+            raise ValueError(f"checkpoint {path} was trained with another data config: {state.get('data_config')}")
+        changed = _changed_hyperparameters(state.get("train_config", {}), _jsonable(cfg))
+        if changed:
+            print(f"note: resuming with changed settings: {changed}", file=sys.stderr)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], device)
+        step, prev_elapsed = int(state["step"]), float(state["elapsed_s"])
+        _truncate_log(log_path, step)
+        print(f"resumed from {path} at step {step}", file=sys.stderr)
+    elif log_path.exists():
+        log_path.unlink()  # fresh run in a directory without checkpoints: start a fresh log
+
+    fwd_model = torch.compile(model) if cfg.compile else model
+
+    # ---- fixed validation batch: val split, fixed noise, t evenly spread over (0, 1)
+    val_x0, val_emb, _ = make_batch(cfg.eval_clips, seed=cfg.seed, split="val", config=data, device=device)
+    val_noise = torch.randn(val_x0.shape, generator=_generator(device, cfg.seed, 1), device=device)
+    val_t = (torch.arange(cfg.eval_clips, device=device, dtype=torch.float32) + 0.5) / cfg.eval_clips
+    val_batch = (val_x0, val_emb, val_noise, val_t)
+
+    def checkpoint(at: int) -> Path:
+        path = _checkpoint_dir(out) / f"step-{at:07d}.pt"
+        _save_checkpoint(
+            path,
+            {
+                "version": _CKPT_VERSION,
+                "step": at,
+                "elapsed_s": prev_elapsed + time.monotonic() - t_start,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(device),
+                "train_config": _jsonable(cfg),
+                "model_config": _arch(model),
+                "data_config": _jsonable(data),
+            },
+        )
+        _prune_checkpoints(out, cfg.keep_checkpoints)
+        return path
+
+    def log(record: dict[str, Any]) -> None:
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    last_eval_step = -1
+
+    def evaluate(at: int) -> None:
+        nonlocal last_eval_step
+        model.eval()
+        v = _validation_loss(model, val_batch, cfg.batch_size, amp)
+        v_ema = _validation_loss(ema.model, val_batch, cfg.batch_size, amp)
+        model.train()
+        log({"kind": "eval", "step": at, "val_loss": v, "val_loss_ema": v_ema, "elapsed_s": prev_elapsed + time.monotonic() - t_start})
+        last_eval_step = at
+
+    tokens = math.prod(grid)
+    print(
+        f"{describe_model(model, data.frames, data.size)}\n"
+        f"device {_device_name(device)}, {'bf16 autocast' if use_bf16 else 'fp32'}, batch {cfg.batch_size} "
+        f"({cfg.batch_size * tokens} tokens), steps {step}->{cfg.steps}",
+        file=sys.stderr,
+    )
+
+    limit_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
+    stop_reason = "completed"
+    last_ckpt_step = step if cfg.resume else -1
+    loss_sum = torch.zeros((), device=device)
+    gn_sum = torch.zeros((), device=device)
+    n_acc, t_log, step_time = 0, time.monotonic(), None
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            if cfg.stop_at is not None and step >= cfg.stop_at:
+                stop_reason = f"stop_at={cfg.stop_at}"
+                break
+            if limit_s is not None:
+                needed = (step_time or 0.0) * 1.5 + cfg.time_reserve_s
+                if time.monotonic() - t_start + needed > limit_s:
+                    stop_reason = f"time limit ({cfg.time_limit_min} min)"
+                    break
+            t_step = time.monotonic()
+            x0, emb, _ = make_batch(cfg.batch_size, seed=cfg.seed, split="train", start=step * cfg.batch_size, config=data, device=device)
+            g = _generator(device, cfg.seed, 0, step)
+            noise = torch.randn(x0.shape, generator=g, device=device)
+            t = sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std, generator=g, device=device)
+            keep = torch.rand(cfg.batch_size, generator=g, device=device) >= cfg.cond_dropout
+            emb = emb * keep[:, None, None]
+            with amp():
+                loss = flow_matching_loss(fwd_model, x0, emb, noise, t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # max_norm=inf measures the norm without clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            ema.update(model, step)
+            loss_sum += loss.detach()
+            gn_sum += grad_norm.detach().float()
+            n_acc += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.monotonic()
+                mean_loss = float(loss_sum) / n_acc  # one host sync per log interval
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(
+                        f"loss became {mean_loss} at step {step}; last checkpoint: "
+                        f"{list_checkpoints(out)[-1] if list_checkpoints(out) else 'none'}"
+                    )
+                step_time = (now - t_log) / n_acc
+                rec = {
+                    "kind": "train",
+                    "step": step,
+                    "loss": mean_loss,
+                    "grad_norm": float(gn_sum) / n_acc,
+                    "lr": scheduler.get_last_lr()[0],
+                    "clips_per_s": cfg.batch_size / step_time,
+                    "tokens_per_s": cfg.batch_size * tokens / step_time,
+                    "elapsed_s": prev_elapsed + now - t_start,
+                }
+                log(rec)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", clips_s=f"{rec['clips_per_s']:.0f}")
+                loss_sum.zero_()
+                gn_sum.zero_()
+                n_acc, t_log = 0, time.monotonic()
+            elif step_time is None and step >= 2:
+                step_time = time.monotonic() - t_step  # early estimate for the time limit
+
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                t_eval = time.monotonic()
+                evaluate(step)
+                t_log += time.monotonic() - t_eval  # keep evaluation out of the throughput numbers
+            if step % cfg.ckpt_every == 0:
+                checkpoint(step)
+                last_ckpt_step = step
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    finally:
+        bar.close()
+    if step > 0 and last_eval_step != step and not _logged_eval(log_path, step):
+        evaluate(step)  # the summary and model card report the final weights
+    if last_ckpt_step != step:
+        path = checkpoint(step)
+        print(f"checkpoint {path}", file=sys.stderr)
+    if stop_reason == "interrupted":
+        raise KeyboardInterrupt(f"interrupted at step {step}; resume with --resume")
+
+    elapsed = prev_elapsed + time.monotonic() - t_start
+    records = [r for r in _read_log(log_path) if r["kind"] == "train"]
+    evals = [r for r in _read_log(log_path) if r["kind"] == "eval"]
+    tail = records[-max(1, len(records) // 10) :] if records else []
+    summary: dict[str, Any] = {
+        "step": step,
+        "steps": cfg.steps,
+        "stop_reason": stop_reason,
+        "batch_size": cfg.batch_size,
+        "clips_seen": step * cfg.batch_size,
+        "final_train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_loss_ema": evals[-1]["val_loss_ema"] if evals else None,
+        "mean_clips_per_s": (sum(r["clips_per_s"] for r in records[1:]) / (len(records) - 1)) if len(records) > 1 else None,
+        "wall_time_s": elapsed,
+        "device": _device_name(device),
+        "precision": "bf16 autocast" if use_bf16 else "fp32",
+        "parameters": count_parameters(model),
+        "tokens": tokens,
+        "token_grid": list(grid),
+    }
+    if cfg.stop_at is None or step >= cfg.steps or stop_reason.startswith("time"):
+        if cfg.export and step > 0:
+            summary.update(_export(cfg, ema.model, device, val_batch, amp, summary, out))
+    try:
+        from .plots import save_loss_curve
+
+        save_loss_curve(log_path, out / "loss_curve.png", title=f"tiny Wan pretraining ({step} steps, batch {cfg.batch_size})")
+    except ImportError:  # matplotlib is optional
+        pass
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _logged_eval(log_path: Path, step: int) -> bool:
+    return any(r["kind"] == "eval" and r["step"] == step for r in _read_log(log_path))
+
+
+def _read_log(path: Path) -> list[dict]:
+    from .plots import read_jsonl
+
+    return read_jsonl(path)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: Path) -> dict[str, Any]:
+    """Save the EMA weights in fp16, then reload them to measure and sample what is shipped."""
+    import diffusers
+
+    from ..models.tiny_wan import fp16_bytes, load_tiny_wan
+
+    model_dir = out / "model"
+    # plain nn.Module.to: diffusers' override warns about fp16 *inference*, irrelevant for storage
+    half = torch.nn.Module.to(copy.deepcopy(ema_model), device="cpu", dtype=torch.float16)
+    half.save_pretrained(model_dir, safe_serialization=True)
+    del half
+    weights = model_dir / "diffusion_pytorch_model.safetensors"
+    shipped = load_tiny_wan(model_dir, device=device, dtype=torch.float32)
+    val_exported = _validation_loss(shipped, val_batch, cfg.batch_size, amp)
+
+    result: dict[str, Any] = {"model_dir": str(model_dir), "weights_bytes": weights.stat().st_size, "val_loss_exported": val_exported}
+    if cfg.num_samples > 0:
+        data = cfg.data
+        cond = sample_conditions(cfg.num_samples, seed=cfg.seed, split="val", config=data, device=device)
+        captions = describe(cond)
+        videos = sample(
+            shipped,
+            embed(cond, config=data),
+            shape=(3, data.frames, data.size, data.size),
+            steps=cfg.sample_steps,
+            generator=_generator(device, cfg.seed, 2),
+            guidance_scale=cfg.guidance_scale,
+            progress=cfg.progress,
+        )
+        real = render(cond, config=data)
+        try:
+            from .plots import save_frame_strip
+
+            both = torch.stack([real.cpu(), videos.cpu()], dim=1).flatten(0, 1)  # data, sample, data, ...
+            labels = [f"{kind}: {c}" for c in captions for kind in ("data", "sample")]
+            save_frame_strip(model_dir / "samples.png", both, labels, title=f"val conditions; samples: {cfg.sample_steps} Euler steps, CFG {cfg.guidance_scale}")
+            result["samples_png"] = str(model_dir / "samples.png")
+        except ImportError:
+            pass
+        result["sample_captions"] = captions
+
+    try:
+        from .plots import save_loss_curve
+
+        save_loss_curve(out / "log.jsonl", model_dir / "loss_curve.png", title=f"tiny Wan pretraining ({summary['step']} steps)")
+    except ImportError:
+        pass
+    card = _model_card(cfg, ema_model, summary | result, fp16_bytes(ema_model), diffusers.__version__)
+    (model_dir / "MODEL_CARD.md").write_text(card)
+    return result
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _model_card(cfg: TrainConfig, model, s: dict[str, Any], nbytes: int, diffusers_version: str) -> str:
+    mc = dict(model.config)
+    d = cfg.data
+    from ..data import BACKGROUNDS, MOTIONS, SHAPES, SPLIT_VOCAB
+    from ..data.shapes import _COLOUR_NAMES
+
+    def names(kind: str, table) -> str:
+        return ", ".join(table[i] for i in SPLIT_VOCAB["train"][kind])
+
+    def shifted(kind: str, table) -> str:
+        return ", ".join(table[i] for i in SPLIT_VOCAB["shifted"][kind])
+
+    stopped = "" if s["stop_reason"] == "completed" else f" (stopped early: {s['stop_reason']})"
+    return f"""# vidsparse tiny Wan: a pixel-space video diffusion transformer for testing sparse attention
+
+A {s['parameters'] / 1e6:.2f} M-parameter diffusers `WanTransformer3DModel`, trained from scratch with
+rectified flow on procedural "moving shapes" videos. It is vidsparse's demo model and its quality
+yardstick for sparse attention: every self-attention layer sees {s['tokens']} tokens, enough for
+block-sparse attention to matter, and the model is small enough to train in minutes and ship in
+the repository. It is not a general-purpose video model.
+
+## Model
+
+| | |
+|---|---|
+| class | `diffusers.WanTransformer3DModel` (diffusers {diffusers_version}) |
+| input / output | (B, 3, {d.frames}, {d.size}, {d.size}) RGB video in [-1, 1], pixel space, no VAE |
+| patch | {tuple(mc['patch_size'])} -> token grid {tuple(s['token_grid'])} = {s['tokens']} tokens, frame-major (t, h, w) |
+| blocks | {mc['num_layers']}, {mc['num_attention_heads']} heads x head dim {mc['attention_head_dim']}, FFN {mc['ffn_dim']} |
+| condition | (B, {d.seq_len}, {d.text_dim}) attribute-token embedding, `vidsparse.data.embed` |
+| parameters | {s['parameters']:,} ({nbytes / 1e6:.2f} MB as fp16; file {s.get('weights_bytes', 0) / 1e6:.2f} MB) |
+| weights | EMA (decay {cfg.ema_decay}) stored in fp16 safetensors |
+
+Conventions (`vidsparse.models.flow`): `x_t = (1 - t) * x0 + t * noise`, the network predicts the
+velocity `noise - x0` and receives `timestep = 1000 * t`; sampling runs Euler steps from t = 1 to 0,
+with classifier-free guidance against the all-zero condition.
+
+```python
+from vidsparse.data import ShapesConfig, conditions_from_text, embed
+from vidsparse.models import load_tiny_wan, sample
+model = load_tiny_wan("path/to/model", device="cuda")
+cond = conditions_from_text(["red disc bouncing, blue square orbiting, striped background"], device="cuda")
+video = sample(model, embed(cond), shape=(3, {d.frames}, {d.size}, {d.size}), steps={cfg.sample_steps}, guidance_scale={cfg.guidance_scale})
+```
+
+## Data
+
+`vidsparse.data.shapes` (procedural, rendered on the GPU during training, seed {cfg.seed}): {d.frames}
+frames of {d.size}x{d.size}, 1 to {d.max_objects} objects that move, spin, pulse and occlude each
+other over an animated textured background. Condition tokens: background type, then (shape,
+colour, motion) per object.
+
+- shapes: {names('shape', SHAPES)}
+- training colours: {names('colour', _COLOUR_NAMES)}
+- training motions: {names('motion', MOTIONS)}
+- training backgrounds: {names('background', BACKGROUNDS)}
+- held out for the "shifted" split (never seen in pretraining): colours {shifted('colour', _COLOUR_NAMES)};
+  motions {shifted('motion', MOTIONS)}; backgrounds {shifted('background', BACKGROUNDS)}
+
+Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation uses the disjoint "val" stream.
+
+## Training
+
+| | |
+|---|---|
+| steps | {s['step']} of {s['steps']}{stopped} |
+| batch | {cfg.batch_size} clips ({cfg.batch_size * s['tokens']:,} tokens); {s['clips_seen']:,} clips seen |
+| optimizer | AdamW, peak lr {cfg.lr:g}, betas {cfg.betas}, weight decay {cfg.weight_decay} (matrices only), grad clip {cfg.grad_clip} |
+| schedule | {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g} x peak |
+| timesteps | {cfg.timesteps}{f' (mean {cfg.t_mean}, std {cfg.t_std})' if cfg.timesteps == 'logit-normal' else ''} |
+| condition dropout | {cfg.cond_dropout} (for classifier-free guidance) |
+| precision | {s['precision']}{', torch.compile' if cfg.compile else ''} |
+| device | {s['device']} |
+| wall time | {s['wall_time_s'] / 60:.1f} min (mean {_fmt(s['mean_clips_per_s'], '.0f')} clips/s) |
+| command | `{cfg.command or 'vidsparse.training.pretrain.train(...)'}` |
+
+## Results
+
+| | |
+|---|---|
+| final training loss (mean of the last 10% of log intervals) | {_fmt(s['final_train_loss'])} |
+| validation loss, raw weights | {_fmt(s['val_loss'])} |
+| validation loss, EMA weights | {_fmt(s['val_loss_ema'])} |
+| validation loss, exported fp16 weights | {_fmt(s.get('val_loss_exported'))} |
+
+The validation loss uses {cfg.eval_clips} "val" clips with fixed noise and t spread evenly over (0, 1).
+
+![loss curve](loss_curve.png)
+
+Samples ({cfg.sample_steps} Euler steps, guidance {cfg.guidance_scale}); rows alternate a validation clip and a sample for its condition:
+
+![samples](samples.png)
+
+## Limitations
+
+Synthetic data only, 64x64 pixels, 16 frames. The loss and samples measure how well the model
+fits this toy distribution; they say nothing about natural video.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig(out="")
+    p = argparse.ArgumentParser(
+        prog="python -m vidsparse.training.pretrain",
+        description="Flow-matching pretraining of the tiny Wan video model on synthetic shapes videos.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="output directory (checkpoints, logs, exported model)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (the LR schedule spans them)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
+    p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=_PRECISIONS, default=d.precision)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--time-limit-min", type=float, default=None, help="checkpoint and export before this wall time")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step without finishing the schedule")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from the latest checkpoint in --out, or from the given file")
+    p.add_argument("--no-export", action="store_true", help="skip the fp16 export, samples and model card")
+    p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--no-progress", action="store_true")
+    small = p.add_argument_group("reduced sizes (smoke tests)")
+    small.add_argument("--frames", type=int, default=d.data.frames)
+    small.add_argument("--size", type=int, default=d.data.size)
+    small.add_argument("--num-layers", type=int, default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    overrides = {} if args.num_layers is None else {"num_layers": args.num_layers}
+    cmd = "python -m vidsparse.training.pretrain " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = TrainConfig(
+            out=args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            min_lr_ratio=args.min_lr_ratio,
+            warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            ema_decay=args.ema_decay,
+            cond_dropout=args.cond_dropout,
+            timesteps=args.timesteps,
+            seed=args.seed,
+            device=args.device,
+            precision=args.precision,
+            compile=args.compile,
+            ckpt_every=args.ckpt_every,
+            log_every=args.log_every,
+            eval_every=args.eval_every,
+            time_limit_min=args.time_limit_min,
+            stop_at=args.stop_at,
+            resume=args.resume,
+            export=not args.no_export,
+            num_samples=args.num_samples,
+            sample_steps=args.sample_steps,
+            guidance_scale=args.guidance_scale,
+            progress=not args.no_progress,
+            data=ShapesConfig(frames=args.frames, size=args.size),
+            model_overrides=overrides,
+            command=cmd,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
