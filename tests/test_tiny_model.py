@@ -11,11 +11,13 @@ from vidsparse.models import (
     build_tiny_wan,
     count_parameters,
     fp16_bytes,
+    load_sampling_defaults,
     load_tiny_wan,
     model_timestep,
     noisy_sample,
     sample,
     sample_timesteps,
+    shift_time,
     time_grid,
     tiny_wan_config,
     token_grid,
@@ -128,8 +130,16 @@ def test_flow_conventions():
     for mode in ("logit-normal", "uniform"):
         s = sample_timesteps(1000, mode=mode, generator=torch.Generator().manual_seed(0))
         assert s.shape == (1000,) and (s > 0).all() and (s < 1).all() and abs(float(s.mean()) - 0.5) < 0.05
+    t = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_time(t, 1.0), t)
+    warped = shift_time(t, 3.0)
+    assert warped[0] == 0 and warped[-1] == 1 and (warped[1:-1] > t[1:-1]).all() and (warped.diff() > 0).all()
+    g = torch.Generator().manual_seed(0)
+    assert sample_timesteps(1000, shift=3.0, generator=g).mean() > 0.6
     with pytest.raises(ValueError, match="mode"):
         sample_timesteps(4, mode="cosine")
+    with pytest.raises(ValueError, match="shift"):
+        shift_time(t, 0.0)
     with pytest.raises(ValueError, match="steps"):
         time_grid(0)
 
@@ -225,15 +235,16 @@ def test_resume_is_exact(tmp_path):
 def test_train_exports_fp16_model_card_and_figures(tmp_path):
     from safetensors import safe_open
 
-    summary = train(_mini_train_config(tmp_path, steps=3, export=True, num_samples=1, sample_steps=2))
+    summary = train(_mini_train_config(tmp_path, steps=3, export=True, num_samples=1, sample_steps=2, t_shift=2.0, guidance_scale=2.5))
     model_dir = tmp_path / "model"
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "MODEL_CARD.md", "samples.png", "loss_curve.png"):
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "MODEL_CARD.md", "samples.png", "loss_curve.png", "sampling.json"):
         assert (model_dir / name).is_file(), name
     assert (tmp_path / "loss_curve.png").is_file() and (tmp_path / "summary.json").is_file()
     with safe_open(model_dir / "diffusion_pytorch_model.safetensors", framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded = load_tiny_wan(model_dir)
     assert loaded.config.num_layers == 1
+    assert load_sampling_defaults(model_dir) == {"steps": 2, "guidance_scale": 2.5, "shift": 2.0}
     card = (model_dir / "MODEL_CARD.md").read_text()
     assert "| steps | 3 of 3 |" in card and "fp16" in card
     assert summary["clips_seen"] == 6 and summary["val_loss_exported"] is not None
@@ -254,3 +265,14 @@ def test_command_line(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x"), "--steps", "0"]) == 2
     with pytest.raises(ValueError, match="timesteps"):
         TrainConfig(out="x", timesteps="cosine")
+
+
+def test_auto_steps_fill_the_time_limit(tmp_path):
+    cfg = _mini_train_config(tmp_path, steps="auto", time_limit_min=0.04, time_reserve_s=0.0, warmup_steps=30,
+                             log_every=10, eval_every=1000, ckpt_every=1000)
+    summary = train(cfg)
+    # the plan is fixed after ~25 timed steps and then run to the end of its cosine schedule
+    assert summary["steps"] > 25 and summary["step"] == summary["steps"], summary
+    assert torch.load(list_checkpoints(tmp_path)[-1], weights_only=True)["total_steps"] == summary["steps"]
+    with pytest.raises(ValueError, match="time_limit_min"):
+        TrainConfig(out="x", steps="auto")

@@ -24,6 +24,7 @@ __all__ = [
     "noisy_sample",
     "velocity_target",
     "model_timestep",
+    "shift_time",
     "sample_timesteps",
     "time_grid",
     "predict_velocity",
@@ -59,12 +60,24 @@ def model_timestep(t: torch.Tensor) -> torch.Tensor:
     return t.float() * NUM_TRAIN_TIMESTEPS
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Warp times towards noise: ``t' = shift * t / (1 + (shift - 1) * t)`` (identity for shift = 1).
+
+    The warp of SD3 / Wan: redundant signals (high resolution, many similar frames) keep their
+    coarse layout until t is close to 1, so training and sampling should spend more time there.
+    """
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def sample_timesteps(
     n: int,
     *,
     mode: str = "logit-normal",
     mean: float = 0.0,
     std: float = 1.0,
+    shift: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
@@ -72,7 +85,8 @@ def sample_timesteps(
 
     ``"logit-normal"``: t = sigmoid(N(mean, std)), which concentrates training on mid-range noise
     (mean=0, std=1 as in SD3; mean=1.5, std=1.6 is TurboDiffusion's high-noise bias).
-    ``"uniform"``: t ~ U(0, 1). ``generator`` must live on ``device``.
+    ``"uniform"``: t ~ U(0, 1). Either is then warped by :func:`shift_time` with ``shift``.
+    ``generator`` must live on ``device``.
     """
     if mode not in TIMESTEP_SAMPLING:
         raise ValueError(f"mode must be one of {TIMESTEP_SAMPLING}, got {mode!r}")
@@ -82,6 +96,7 @@ def sample_timesteps(
         t = torch.rand(n, generator=generator, device=device)
     else:
         t = torch.sigmoid(torch.randn(n, generator=generator, device=device) * std + mean)
+    t = shift_time(t, shift)
     # keep away from exactly 0 / 1 where x_t carries no information about one of the endpoints
     return t.clamp(1e-5, 1 - 1e-5)
 
@@ -89,16 +104,13 @@ def sample_timesteps(
 def time_grid(steps: int, *, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
     """(steps + 1,) float32 times from 1 to 0 for the sampler.
 
-    Uniform in t, then warped by ``t' = shift * t / (1 + (shift - 1) * t)``; shift > 1 spends more
-    steps at high noise (as in SD3 / Wan). shift = 1 keeps the uniform grid.
+    Uniform in t, then warped by :func:`shift_time`; shift > 1 spends more steps at high noise
+    (as in SD3 / Wan). shift = 1 keeps the uniform grid. Use the shift the model was trained with.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
     t = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
-    t = shift * t / (1 + (shift - 1) * t)
-    return t.float()
+    return shift_time(t, shift).float()
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -30,6 +30,8 @@ __all__ = [
     "tiny_wan_config",
     "build_tiny_wan",
     "load_tiny_wan",
+    "SAMPLING_DEFAULTS",
+    "load_sampling_defaults",
     "default_weights_dir",
     "count_parameters",
     "fp16_bytes",
@@ -169,6 +171,28 @@ def load_tiny_wan(
         )
     model = _wan_class().from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     return model.to(device).eval()
+
+
+#: Euler sampler settings for the tiny model when its directory has no ``sampling.json``
+SAMPLING_DEFAULTS = {"steps": 40, "guidance_scale": 2.0, "shift": 3.0}
+
+
+def load_sampling_defaults(path: str | os.PathLike | None = None) -> dict[str, float]:
+    """Sampler settings saved beside the weights by the trainer (``sampling.json``).
+
+    Returns a dict with ``steps``, ``guidance_scale`` and ``shift`` (keyword arguments of
+    :func:`vidsparse.models.flow.sample`); :data:`SAMPLING_DEFAULTS` for missing entries. ``shift``
+    should match the time shift the model was trained with.
+    """
+    import json
+
+    path = Path(path) if path is not None else default_weights_dir()
+    out = dict(SAMPLING_DEFAULTS)
+    file = path / "sampling.json"
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        out.update({k: saved[k] for k in SAMPLING_DEFAULTS if k in saved})
+    return out
 
 
 def fp16_bytes(model: torch.nn.Module) -> int:

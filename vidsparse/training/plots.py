@@ -121,7 +121,8 @@ def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *, tit
         ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", lw=0.8, ls="--", label="lr")
         ax2.set_ylabel("learning rate", color="gray")
         ax2.tick_params(axis="y", colors="gray")
-    ax.legend(loc="upper right", fontsize=8)
+    if train or evals:
+        ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title or "training loss", fontsize=10)
     fig.tight_layout()
     path = Path(path)

@@ -2,8 +2,10 @@
 
 Run it as a module::
 
-    python -m vidsparse.training.pretrain --out runs/tiny_wan --steps 4000 --batch-size 64 \\
-        --time-limit-min 12
+    python -m vidsparse.training.pretrain --out runs/tiny_wan --steps auto --time-limit-min 10
+
+(``--steps auto`` times the first steps and then plans as many as fit the wall-clock limit,
+minus ``time_reserve_s`` for the final checkpoint and export.)
 
 Batches are rendered on the training device every step (no data loader). Per step: clips
 ``[step * B, (step + 1) * B)`` of the "train" split, and noise / timesteps / condition dropout
@@ -18,10 +20,12 @@ Output directory layout::
       summary.json
       checkpoints/step-0000500.pt   model, EMA, optimizer, scheduler, RNG states, step, configs
       model/                 the EMA weights in fp16, saved with save_pretrained (safetensors)
-        config.json  diffusion_pytorch_model.safetensors  MODEL_CARD.md  samples.png  loss_curve.png
+        config.json  diffusion_pytorch_model.safetensors  sampling.json  MODEL_CARD.md
+        samples.png  loss_curve.png
 
 Training recipe: AdamW (no decay on biases, norms and modulation tables), linear warm-up then
-cosine decay, bf16 autocast on CUDA (fp32 on CPU), logit-normal or uniform t, condition dropout
+cosine decay, bf16 autocast on CUDA (fp32 on CPU), logit-normal or uniform t warped towards
+noise (``t_shift``; the pixels of 16 similar frames are very redundant), condition dropout
 for classifier-free guidance (the all-zero embedding), gradient clipping, EMA of the weights (the
 exported model), a fixed validation batch (fixed noise and evenly spread t) for a low-variance
 validation loss.
@@ -41,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +65,9 @@ class TrainConfig:
 
     Attributes:
         out: output directory (see the module docstring for its layout).
-        steps: total optimizer steps; the LR schedule spans them.
+        steps: total optimizer steps (the LR schedule spans them), or "auto" with
+            ``time_limit_min``: after a short throughput measurement during warm-up, the run
+            picks as many steps as fit the time limit (stored in checkpoints for exact resume).
         batch_size: clips per step.
         lr, min_lr_ratio, warmup_steps: peak LR, final LR as a fraction of it, linear warm-up.
         weight_decay, betas: AdamW settings.
@@ -69,13 +75,16 @@ class TrainConfig:
         ema_decay: EMA decay of the exported weights (warmed up as min(decay, (1+s)/(10+s))).
         cond_dropout: probability of replacing a clip's condition by zeros (for CFG).
         timesteps, t_mean, t_std: "logit-normal" (t = sigmoid(N(t_mean, t_std))) or "uniform".
+        t_shift: warp of the training times towards noise, ``s t / (1 + (s - 1) t)``; exported
+            samples use the same shift (see :func:`vidsparse.models.flow.shift_time`).
         seed: model init, data stream and noise seed (0 <= seed < 2**32).
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
         compile: wrap the training forward in torch.compile.
         ckpt_every, keep_checkpoints: checkpoint cadence and how many to keep (>= 1).
         log_every, eval_every, eval_clips: logging / validation cadence and validation batch size.
-        time_limit_min: stop cleanly (checkpoint and export) before this many minutes of wall time.
+        time_limit_min: stop cleanly (checkpoint and export) before this many minutes of wall time
+            of this process (counted from the start of :func:`train`).
         time_reserve_s: seconds kept free at the end for the final checkpoint and export.
         stop_at: stop (checkpoint, no export) after this step, keeping the schedule of ``steps``.
         resume: None, "auto" (latest checkpoint in ``out``) or a checkpoint file.
@@ -88,9 +97,9 @@ class TrainConfig:
     """
 
     out: str
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 5e-4
+    steps: int | str = 6000
+    batch_size: int = 32
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
     weight_decay: float = 0.01
@@ -101,6 +110,7 @@ class TrainConfig:
     timesteps: str = "logit-normal"
     t_mean: float = 0.0
     t_std: float = 1.0
+    t_shift: float = 3.0
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -111,13 +121,13 @@ class TrainConfig:
     eval_every: int = 250
     eval_clips: int = 64
     time_limit_min: float | None = None
-    time_reserve_s: float = 45.0
+    time_reserve_s: float = 30.0
     stop_at: int | None = None
     resume: str | None = None
     export: bool = True
     num_samples: int = 6
     sample_steps: int = 40
-    guidance_scale: float = 3.0
+    guidance_scale: float = 2.0
     progress: bool = True
     data: ShapesConfig = field(default_factory=ShapesConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -129,7 +139,12 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
 
-        for name in ("steps", "batch_size", "ckpt_every", "keep_checkpoints", "log_every", "eval_every", "eval_clips"):
+        if self.steps == "auto":
+            if self.time_limit_min is None:
+                raise ValueError("steps='auto' needs time_limit_min (the wall-clock budget to fill)")
+        else:
+            positive_int("steps")
+        for name in ("batch_size", "ckpt_every", "keep_checkpoints", "log_every", "eval_every", "eval_clips"):
             positive_int(name)
         positive_int("warmup_steps", 0)
         positive_int("num_samples", 0)
@@ -146,14 +161,18 @@ class TrainConfig:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
+        if not self.t_shift > 0:
+            raise ValueError(f"t_shift must be > 0, got {self.t_shift}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.time_limit_min is not None and not self.time_limit_min > 0:
             raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
-        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
-            raise ValueError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
+        if self.stop_at is not None and not (
+            isinstance(self.stop_at, int) and self.stop_at >= 1 and (self.steps == "auto" or self.stop_at <= self.steps)
+        ):
+            raise ValueError(f"stop_at must be an int in [1, steps={self.steps}], got {self.stop_at}")
         if not isinstance(self.data, ShapesConfig):
             raise ValueError(f"data must be a ShapesConfig, got {type(self.data).__name__}")
         self.betas = tuple(self.betas)
@@ -189,14 +208,26 @@ def make_optimizer(
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_lr_ratio: float
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    total_steps: int | Callable[[], int | None],
+    min_lr_ratio: float,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak LR, then cosine decay to ``min_lr_ratio`` * peak at ``total_steps``."""
+    """Linear warm-up to the peak LR, then cosine decay to ``min_lr_ratio`` * peak at ``total_steps``.
+
+    ``total_steps`` may be a callable, read at every step (for ``steps="auto"``, fixed after a
+    short throughput measurement); while it returns None the LR stays at its peak after warm-up.
+    """
+    get_total = total_steps if callable(total_steps) else (lambda: total_steps)
 
     def factor(step: int) -> float:  # step = optimizer steps already taken
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        total = get_total()
+        if total is None:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -371,7 +402,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     ema = EMA(model, cfg.ema_decay)
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=cuda)
-    scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+    auto_steps = cfg.steps == "auto"
+    plan = {"total": None if auto_steps else cfg.steps}  # fixed later when steps="auto"
+    scheduler = make_scheduler(
+        optimizer, warmup_steps=cfg.warmup_steps, total_steps=lambda: plan["total"], min_lr_ratio=cfg.min_lr_ratio
+    )
 
     # ---- resume
     step, prev_elapsed = 0, 0.0
@@ -398,6 +433,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"], device)
         step, prev_elapsed = int(state["step"]), float(state["elapsed_s"])
+        if auto_steps:
+            plan["total"] = state.get("total_steps")  # keep the schedule the run chose
         _truncate_log(log_path, step)
         print(f"resumed from {path} at step {step}", file=sys.stderr)
     elif log_path.exists():
@@ -418,6 +455,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             {
                 "version": _CKPT_VERSION,
                 "step": at,
+                "total_steps": plan["total"],
                 "elapsed_s": prev_elapsed + time.monotonic() - t_start,
                 "model": model.state_dict(),
                 "ema": ema.state_dict(),
@@ -451,7 +489,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     print(
         f"{describe_model(model, data.frames, data.size)}\n"
         f"device {_device_name(device)}, {'bf16 autocast' if use_bf16 else 'fp32'}, batch {cfg.batch_size} "
-        f"({cfg.batch_size * tokens} tokens), steps {step}->{cfg.steps}",
+        f"({cfg.batch_size * tokens} tokens), steps {step}->{plan['total'] or 'auto'}",
         file=sys.stderr,
     )
 
@@ -461,9 +499,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=device)
     gn_sum = torch.zeros((), device=device)
     n_acc, t_log, step_time = 0, time.monotonic(), None
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=plan["total"], initial=step, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
+    calib_from = None  # (step, time) where the throughput measurement for steps="auto" began
     try:
-        while step < cfg.steps:
+        while plan["total"] is None or step < plan["total"]:
             if cfg.stop_at is not None and step >= cfg.stop_at:
                 stop_reason = f"stop_at={cfg.stop_at}"
                 break
@@ -476,7 +515,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             x0, emb, _ = make_batch(cfg.batch_size, seed=cfg.seed, split="train", start=step * cfg.batch_size, config=data, device=device)
             g = _generator(device, cfg.seed, 0, step)
             noise = torch.randn(x0.shape, generator=g, device=device)
-            t = sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std, generator=g, device=device)
+            t = sample_timesteps(
+                cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std, shift=cfg.t_shift, generator=g, device=device
+            )
             keep = torch.rand(cfg.batch_size, generator=g, device=device) >= cfg.cond_dropout
             emb = emb * keep[:, None, None]
             with amp():
@@ -494,7 +535,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             n_acc += 1
             bar.update(1)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if plan["total"] is None:
+                calib_from = _plan_steps(cfg, plan, step, calib_from, t_start, limit_s, device)
+                if plan["total"] is not None:
+                    bar.total = plan["total"]
+                    bar.refresh()
+                    print(f"\nsteps='auto': measured throughput fits {plan['total']} steps in the time limit", file=sys.stderr)
+            total = plan["total"] or -1
+
+            if step % cfg.log_every == 0 or step == total:
                 now = time.monotonic()
                 mean_loss = float(loss_sum) / n_acc  # one host sync per log interval
                 if not math.isfinite(mean_loss):
@@ -521,7 +570,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             elif step_time is None and step >= 2:
                 step_time = time.monotonic() - t_step  # early estimate for the time limit
 
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or step == total:
                 t_eval = time.monotonic()
                 evaluate(step)
                 t_log += time.monotonic() - t_eval  # keep evaluation out of the throughput numbers
@@ -546,7 +595,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tail = records[-max(1, len(records) // 10) :] if records else []
     summary: dict[str, Any] = {
         "step": step,
-        "steps": cfg.steps,
+        "steps": plan["total"] if plan["total"] is not None else step,
         "stop_reason": stop_reason,
         "batch_size": cfg.batch_size,
         "clips_seen": step * cfg.batch_size,
@@ -561,7 +610,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "tokens": tokens,
         "token_grid": list(grid),
     }
-    if cfg.stop_at is None or step >= cfg.steps or stop_reason.startswith("time"):
+    if cfg.stop_at is None or step >= summary["steps"] or stop_reason.startswith("time"):
         if cfg.export and step > 0:
             summary.update(_export(cfg, ema.model, device, val_batch, amp, summary, out))
     try:
@@ -572,6 +621,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         pass
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# steps="auto": measure the step time over steps [_CALIB_START, _CALIB_END) (after cuDNN autotuning
+# and torch.compile warm-up), then plan the rest of the time budget with a safety margin
+_CALIB_START, _CALIB_END, _PLAN_MARGIN = 5, 25, 0.93
+
+
+def _plan_steps(cfg, plan, step, calib_from, t_start, limit_s, device):
+    """Fix ``plan["total"]`` once enough steps were timed; returns the (updated) calibration start."""
+    if step < _CALIB_START:
+        return None
+    if calib_from is None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return step, time.monotonic()
+    if step - calib_from[0] < _CALIB_END - _CALIB_START:
+        return calib_from
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.monotonic()
+    step_time = (now - calib_from[1]) / (step - calib_from[0])
+    # an evaluation (two forward passes over eval_clips) costs about eval_clips / batch_size steps
+    eval_share = cfg.eval_clips / cfg.batch_size / cfg.eval_every
+    budget = limit_s - (now - t_start) - cfg.time_reserve_s
+    plan["total"] = max(step, step + int(_PLAN_MARGIN * budget / (step_time * (1 + eval_share))))
+    return calib_from
 
 
 def _logged_eval(log_path: Path, step: int) -> bool:
@@ -609,6 +684,8 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
     shipped = load_tiny_wan(model_dir, device=device, dtype=torch.float32)
     val_exported = _validation_loss(shipped, val_batch, cfg.batch_size, amp)
 
+    sampling = {"steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "shift": cfg.t_shift}
+    (model_dir / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")  # read by load_sampling_defaults
     result: dict[str, Any] = {"model_dir": str(model_dir), "weights_bytes": weights.stat().st_size, "val_loss_exported": val_exported}
     if cfg.num_samples > 0:
         data = cfg.data
@@ -621,6 +698,7 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
             steps=cfg.sample_steps,
             generator=_generator(device, cfg.seed, 2),
             guidance_scale=cfg.guidance_scale,
+            shift=cfg.t_shift,
             progress=cfg.progress,
         )
         real = render(cond, config=data)
@@ -629,7 +707,8 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
 
             both = torch.stack([real.cpu(), videos.cpu()], dim=1).flatten(0, 1)  # data, sample, data, ...
             labels = [f"{kind}: {c}" for c in captions for kind in ("data", "sample")]
-            save_frame_strip(model_dir / "samples.png", both, labels, title=f"val conditions; samples: {cfg.sample_steps} Euler steps, CFG {cfg.guidance_scale}")
+            title = f"val conditions; samples: {cfg.sample_steps} Euler steps, CFG {cfg.guidance_scale}, shift {cfg.t_shift:g}"
+            save_frame_strip(model_dir / "samples.png", both, labels, title=title)
             result["samples_png"] = str(model_dir / "samples.png")
         except ImportError:
             pass
@@ -692,7 +771,8 @@ from vidsparse.data import ShapesConfig, conditions_from_text, embed
 from vidsparse.models import load_tiny_wan, sample
 model = load_tiny_wan("path/to/model", device="cuda")
 cond = conditions_from_text(["red disc bouncing, blue square orbiting, striped background"], device="cuda")
-video = sample(model, embed(cond), shape=(3, {d.frames}, {d.size}, {d.size}), steps={cfg.sample_steps}, guidance_scale={cfg.guidance_scale})
+video = sample(model, embed(cond), shape=(3, {d.frames}, {d.size}, {d.size}), steps={cfg.sample_steps},
+               guidance_scale={cfg.guidance_scale}, shift={cfg.t_shift})   # settings also in sampling.json
 ```
 
 ## Data
@@ -719,7 +799,7 @@ Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation us
 | batch | {cfg.batch_size} clips ({cfg.batch_size * s['tokens']:,} tokens); {s['clips_seen']:,} clips seen |
 | optimizer | AdamW, peak lr {cfg.lr:g}, betas {cfg.betas}, weight decay {cfg.weight_decay} (matrices only), grad clip {cfg.grad_clip} |
 | schedule | {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g} x peak |
-| timesteps | {cfg.timesteps}{f' (mean {cfg.t_mean}, std {cfg.t_std})' if cfg.timesteps == 'logit-normal' else ''} |
+| timesteps | {cfg.timesteps}{f' (mean {cfg.t_mean}, std {cfg.t_std})' if cfg.timesteps == 'logit-normal' else ''}, shifted towards noise with shift {cfg.t_shift:g} |
 | condition dropout | {cfg.cond_dropout} (for classifier-free guidance) |
 | precision | {s['precision']}{', torch.compile' if cfg.compile else ''} |
 | device | {s['device']} |
@@ -739,7 +819,7 @@ The validation loss uses {cfg.eval_clips} "val" clips with fixed noise and t spr
 
 ![loss curve](loss_curve.png)
 
-Samples ({cfg.sample_steps} Euler steps, guidance {cfg.guidance_scale}); rows alternate a validation clip and a sample for its condition:
+Samples ({cfg.sample_steps} Euler steps, guidance {cfg.guidance_scale}, shift {cfg.t_shift:g}); rows alternate a validation clip and a sample for its condition:
 
 ![samples](samples.png)
 
@@ -754,6 +834,15 @@ fits this toy distribution; they say nothing about natural video.
 # Command line
 
 
+def _steps_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig(out="")
     p = argparse.ArgumentParser(
@@ -762,7 +851,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory (checkpoints, logs, exported model)")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (the LR schedule spans them)")
+    p.add_argument(
+        "--steps", type=_steps_arg, default=d.steps,
+        help="total optimizer steps (the LR schedule spans them), or 'auto' to fill --time-limit-min",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
@@ -772,6 +864,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
     p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
+    p.add_argument("--t-shift", type=float, default=d.t_shift, help="warp training (and sample) times towards noise")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=_PRECISIONS, default=d.precision)
@@ -812,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ema_decay=args.ema_decay,
             cond_dropout=args.cond_dropout,
             timesteps=args.timesteps,
+            t_shift=args.t_shift,
             seed=args.seed,
             device=args.device,
             precision=args.precision,
