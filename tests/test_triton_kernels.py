@@ -129,6 +129,20 @@ def test_fused_masker_matches_eager(kw):
         assert 0.0 < fused.sparsity() < 1.0
 
 
+@pytest.mark.parametrize("kw", [dict(topk=0.3, topp=None), dict(topk=None, topp=0.45), dict(topk=0.1, topp=0.7)])
+def test_fused_masker_breaks_exact_ties_like_eager(kw):
+    # every key block identical except two: equal pooled probabilities, so ties decide the mask
+    q = torch.randn(1, 2, 256, 32, device=DEVICE)
+    block = torch.randn(1, 2, 16, 32, device=DEVICE)
+    k = block.repeat(1, 1, 20, 1)
+    k[:, :, 64:80] += 1.0  # block 4 stands out; the rest tie
+    k[:, :, 200:216] -= 1.0
+    eager = vidsparse.hybrid_block_mask(q, k, block_q=32, block_k=16, **kw)
+    fused = fused_hybrid_block_mask(q, k, block_q=32, block_k=16, **kw)
+    assert torch.equal(eager.dense, fused.dense)
+    assert torch.equal(eager.kv_indices, fused.kv_indices)
+
+
 def test_fused_masker_per_head_and_dense_limits():
     q = torch.randn(1, 3, 256, 32, device=DEVICE)
     k = torch.randn(1, 3, 256, 32, device=DEVICE)

@@ -5,15 +5,17 @@ version, which is the oracle in tests), in three launches:
 
 1. ``_pool_kernel`` mean-pools Q and K blocks straight from their (bf16/fp16/fp32) storage;
 2. one batched matmul gives the pooled scores (B, H, NQB, NKB);
-3. ``_select_kernel``, one program per (batch*head, query block): softmax over the row, one sort
-   of (probability, index) pairs packed into int64 keys (ties -> lower index first, as the eager
-   stable sort), fp32 cumulative sum for Top-p, union with Top-k, optional sink/diagonal priors,
-   and a second sort that compacts the kept key blocks into the ascending index table.
+3. ``_select_kernel``, one program per (batch*head, query block): softmax over the row; the
+   Top-k and Top-p cut-offs found by bisection over (probability, index) keys packed into int64
+   (ties -> lower index first, as the eager stable sort); union with Top-k, optional sink/diagonal
+   priors; a prefix-sum compaction writes the ascending index table.
 
+No sort: an earlier version sorted each row twice with ``tl.sort``, which cost 0.18 ms of GPU
+time at the Wan2.1-1.3B shape and 11.4 ms at 14B/720p (2,048-wide rows) on an H100.
 It writes the dense block map and the index table at once, so the BlockMask needs no further
-conversion before the forward kernel. Only the cumulative sum's summation order differs from
-torch.cumsum, so a row whose running sum lands within float rounding of p may keep one block
-more or less than the eager masker.
+conversion before the forward kernel. Only the order in which the Top-p mass is summed differs
+from torch.cumsum, so a row whose mass lands within float rounding of p may keep one block more
+or less than the eager masker.
 """
 
 from __future__ import annotations
@@ -68,38 +70,51 @@ def _select_kernel(
     e = tl.where(valid, tl.exp(s), 0.0)
     prob = e / tl.sum(e, 0)
 
-    # descending by probability, ties by lower index: probabilities are >= 0, so their fp32 bit
-    # patterns order like the values; padding (prob 0, index >= nkb) sorts after every real block
+    # One int64 key per block orders blocks as the eager stable sort does: probability descending
+    # (non-negative fp32 bit patterns order like the values), then the lower index first (16 bits:
+    # NKB <= 65536). Keys are unique, so "the n best blocks" is {key >= the n-th largest key}.
     bits = prob.to(tl.int32, bitcast=True).to(tl.int64)
-    key = (bits << 32) | (NKB_P2 - 1 - offs).to(tl.int64)
-    key = tl.sort(key, 0, descending=True)
-    sorted_prob = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    sorted_idx = (NKB_P2 - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
+    key = tl.where(valid, (bits << 16) | (NKB_P2 - 1 - offs).to(tl.int64), -1)
 
-    n_keep = tl.load(NK + h)  # Top-k count (0 when Top-k is off), already floored and >= 1
+    n_k = tl.maximum(tl.load(NK + h), 1)  # Top-k count (the rule keeps >= 1 block in any case)
     p = tl.load(TOPP + h)  # Top-p mass (< 0 when Top-p is off)
-    csum = tl.cumsum(sorted_prob, 0)
-    n_p = 1 + tl.sum(((csum < p) & (offs < nkb)).to(tl.int32), 0)
-    n_p = tl.where(p >= 1.0, nkb, n_p)
-    n_p = tl.where(p < 0.0, 0, n_p)
-    n_keep = tl.minimum(tl.maximum(tl.maximum(n_keep, n_p), 1), nkb)
-    keep = offs < n_keep  # in sorted order
+    # Bisection for the largest key that still holds n_k blocks (Top-k) and for the largest that
+    # still holds mass p (Top-p: the minimal prefix reaching p); the union is the lower one. The
+    # smallest real key satisfies both, so it brackets from below. Only reductions, no sort.
+    lo_k = tl.min(tl.where(valid, key, 1 << 62), 0)
+    hi_k = tl.max(key, 0) + 1
+    lo_p = lo_k
+    hi_p = hi_k
+    while (hi_k - lo_k > 1) | (hi_p - lo_p > 1):
+        mid_k = lo_k + (hi_k - lo_k) // 2
+        ok_k = tl.sum((key >= mid_k).to(tl.int32), 0) >= n_k
+        lo_k = tl.where(ok_k, mid_k, lo_k)
+        hi_k = tl.where(ok_k, hi_k, mid_k)
+        mid_p = lo_p + (hi_p - lo_p) // 2
+        ok_p = tl.sum(tl.where(key >= mid_p, prob, 0.0), 0) >= p
+        lo_p = tl.where(ok_p, mid_p, lo_p)
+        hi_p = tl.where(ok_p, hi_p, mid_p)
+    thresh = lo_k
+    thresh = tl.where((p >= 0.0) & (lo_p < thresh), lo_p, thresh)
+    thresh = tl.where(p >= 1.0, -1, thresh)  # p = 1 is dense even where probabilities underflow
+    keep = valid & (key >= thresh)
 
     if KEEP_SINK:
-        keep = keep | (sorted_idx == 0)
+        keep = keep | (offs == 0)
     if KEEP_DIAG:
         q_start = row * block_q
         q_end = tl.minimum(q_start + block_q, q_len)
-        k_start = sorted_idx * block_k
-        keep = keep | ((k_start < q_end) & (k_start + block_k > q_start))
-    keep = keep & (sorted_idx < nkb)
+        k_start = offs * block_k
+        keep = keep | (valid & (k_start < q_end) & (k_start + block_k > q_start))
 
-    tl.store(DENSE + base + sorted_idx, keep.to(tl.int8), mask=sorted_idx < nkb)
-    # compaction: kept indices first, ascending; dropped ones after (padding)
-    compact = tl.sort(tl.where(keep, sorted_idx, sorted_idx + NKB_P2), 0)
-    compact = tl.where(compact >= NKB_P2, compact - NKB_P2, compact)
-    tl.store(KV_IDX + base + offs, compact, mask=valid)
-    tl.store(KV_CNT + pid_bh.to(tl.int64) * nqb + row, tl.sum(keep.to(tl.int32), 0))
+    tl.store(DENSE + base + offs, keep.to(tl.int8), mask=valid)
+    # compaction in index order: kept blocks first (ascending), then the dropped ones
+    n_keep = tl.sum(keep.to(tl.int32), 0)
+    kept_pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    drop_pos = n_keep + tl.cumsum((valid & ~keep).to(tl.int32), 0) - 1
+    pos = tl.where(keep, kept_pos, drop_pos)
+    tl.store(KV_IDX + base + pos, offs.to(tl.int32), mask=valid)
+    tl.store(KV_CNT + pid_bh.to(tl.int64) * nqb + row, n_keep)
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -176,6 +191,8 @@ def fused_hybrid_block_mask(
     kv_idx = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=q.device)
     kv_cnt = torch.empty(b, h, nqb, dtype=torch.int32, device=q.device)
     nkb_p2 = max(16, triton.next_power_of_2(nkb))
+    if nkb_p2 > 1 << 16:
+        raise ValueError(f"the fused predictor supports up to 65,536 key blocks, got {nkb} (k_len={lk}, block_k={block_k})")
     _select_kernel[(nqb, b * h)](
         scores, dense, kv_idx, kv_cnt, nk, tp,
         h, nqb, nkb, lq, block_q, block_k,
