@@ -11,7 +11,7 @@ from .dispatch import select_backend
 from .mask import BlockMask
 from .maskers.hybrid import hybrid_block_mask
 
-__all__ = ["block_sparse_attention", "sparse_attention"]
+__all__ = ["block_sparse_attention", "sparse_attention", "predict_mask"]
 
 
 def _check_scale(scale, head_dim: int) -> float:

@@ -3,36 +3,7 @@
 See :mod:`vidsparse.data.shapes`. Only torch is imported.
 """
 
-from .shapes import (
-    BACKGROUNDS,
-    COLOURS,
-    MOTIONS,
-    SHAPES,
-    SPLIT_VOCAB,
-    SPLITS,
-    Conditions,
-    ShapesConfig,
-    conditions_from_text,
-    describe,
-    embed,
-    make_batch,
-    render,
-    sample_conditions,
-)
+from . import shapes
+from .shapes import *  # noqa: F403 - the public names are listed once, in shapes.__all__
 
-__all__ = [
-    "ShapesConfig",
-    "Conditions",
-    "SHAPES",
-    "COLOURS",
-    "MOTIONS",
-    "BACKGROUNDS",
-    "SPLITS",
-    "SPLIT_VOCAB",
-    "sample_conditions",
-    "render",
-    "embed",
-    "describe",
-    "conditions_from_text",
-    "make_batch",
-]
+__all__ = list(shapes.__all__)

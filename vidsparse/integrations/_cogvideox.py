@@ -24,6 +24,24 @@ class _CogVideoXSparseMixin:
 
     vidsparse_layer: SparseLayer
 
+    # ``original`` (the processor replaced) is unused; kept for a uniform constructor
+    def __init__(self, layer: SparseLayer, original=None):
+        super().__init__()
+        self.vidsparse_layer = layer
+
+    # the signature must match the stock one: Attention.forward filters kwargs by it
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None or encoder_hidden_states is None or self.vidsparse_layer.dense_now():
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self._sparse_call(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+
     def _qkv(self, attn, hidden_states):  # overridden for fused projections
         return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
@@ -65,44 +83,11 @@ class CogVideoXSparseAttnProcessor(_CogVideoXSparseMixin, CogVideoXAttnProcessor
         original: the processor it replaces (unused; kept for a uniform constructor).
     """
 
-    def __init__(self, layer: SparseLayer, original=None):
-        super().__init__()
-        self.vidsparse_layer = layer
-
-    # the signature must match the stock one: Attention.forward filters kwargs by it
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is not None or encoder_hidden_states is None or self.vidsparse_layer.dense_now():
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        return self._sparse_call(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-
 
 class FusedCogVideoXSparseAttnProcessor(_CogVideoXSparseMixin, FusedCogVideoXAttnProcessor2_0):
     """``FusedCogVideoXAttnProcessor2_0`` (after ``fuse_qkv_projections()``) with block-sparse
     video->video attention."""
 
-    def __init__(self, layer: SparseLayer, original=None):
-        super().__init__()
-        self.vidsparse_layer = layer
-
     def _qkv(self, attn, hidden_states):
         qkv = attn.to_qkv(hidden_states)
         return torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is not None or encoder_hidden_states is None or self.vidsparse_layer.dense_now():
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        return self._sparse_call(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
