@@ -58,6 +58,7 @@ SUBCOMMANDS = {
     "info": (lambda argv: _cmd_info(argv), "versions, GPU, and which attention backends work here (and why not)"),
     "demo": (_run_module("vidsparse.demo"), "the main job: hybrid mask + sparse attention vs dense (`vidsparse demo --help`)"),
     "bench": (_run_module("vidsparse.bench"), "GPU benchmarks: `vidsparse bench attention --help`"),
+    "distill": (_run_module("vidsparse.training.distill"), "velocity-distillation fine-tuning of a sparse student"),
 }
 
 

@@ -88,7 +88,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *, title: str | None = None) -> Path:
+def save_loss_curve(
+    log_path: str | os.PathLike, path: str | os.PathLike, *, title: str | None = None,
+    ylabel: str = "flow-matching MSE",
+) -> Path:
     """Plot the training loss (raw and smoothed), validation losses and learning rate of a run.
 
     Reads the JSONL log written by :mod:`vidsparse.training.pretrain` (records with ``kind`` "train"
@@ -111,7 +114,7 @@ def save_loss_curve(log_path: str | os.PathLike, path: str | os.PathLike, *, tit
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="val loss")
         ax.plot([r["step"] for r in evals], [r["val_loss_ema"] for r in evals], "s-", color="tab:green", ms=3, label="val loss (EMA)")
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching MSE")
+    ax.set_ylabel(ylabel)
     values = [r["loss"] for r in train] + [r["val_loss"] for r in evals]
     if values and min(values) > 0 and max(values) / min(values) > 3:
         ax.set_yscale("log")  # only when the loss spans a wide range; otherwise ticks get unreadable

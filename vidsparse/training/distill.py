@@ -1,0 +1,593 @@
+"""Velocity-distillation fine-tuning of a sparse-attention student (SpargeAttention2 §4.2).
+
+Run it as a module (one process, or several with ``torchrun``)::
+
+    python -m vidsparse.training.distill --out runs/distill --steps 500 --topk 0.03 --topp 0.2
+    torchrun --nproc_per_node 8 -m vidsparse.training.distill --out runs/distill --batch-size 64
+
+The student is a copy of the model with vidsparse's block-sparse self-attention patched in (the
+mask is predicted anew at every call, with no gradient through it); the teacher is a frozen copy
+with dense attention. Both see the same ``(x_t, t, condition)`` and the loss is
+
+    L = mean((v_student - v_teacher)^2) + diffusion_weight * mean((v_student - (noise - x0))^2)
+
+with ``diffusion_weight = 0`` by default, as in the paper: the data only build ``x_t``.
+
+Defaults that the paper leaves open follow TurboDiffusion's public SLA recipe (AdamW, lr 1e-5,
+weight decay 0.01, betas (0.9, 0.999); logit-normal t with mean 1.5, std 1.6), see
+``shared/background/spargeattention2.md`` §3. They are TurboDiffusion's values, not the paper's.
+
+Determinism: step ``s`` uses clips ``[s * B, (s + 1) * B)`` of the chosen split and noise / t
+from a generator seeded by ``(seed, s)`` drawn for the whole global batch, so a resumed run and a
+multi-process run (each rank takes its slice of the global batch) repeat the single-process run.
+
+Output directory layout (only rank 0 writes)::
+
+    out/
+      log.jsonl                      one "train" record per log interval
+      loss_curve.png
+      summary.json
+      checkpoints/step-0000100.pt    student, optimizer, scheduler, RNG states, step, configs
+      student/                       final student in fp16 (save_pretrained, safetensors)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ShapesConfig, make_batch
+from ..models.flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample_timesteps, velocity_target
+from .pretrain import (
+    _arch,
+    _changed_hyperparameters,
+    _checkpoint_dir,
+    _generator,
+    _jsonable,
+    _prune_checkpoints,
+    _restore_rng,
+    _rng_state,
+    _save_checkpoint,
+    _truncate_log,
+    list_checkpoints,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+)
+
+__all__ = ["DistillConfig", "distill", "distill_loss", "make_student_teacher", "select_trainable", "main"]
+
+_CKPT_VERSION = 1
+_TRAINABLE = ("all", "attention")
+_PRECISIONS = ("auto", "bf16", "fp32")
+# a random stream tag distinct from pretrain's (0 = train batches, 1 = validation, 2 = samples)
+_STREAM_DISTILL = 3
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run depends on.
+
+    Attributes:
+        out: output directory (see the module docstring).
+        model: a diffusers Wan checkpoint directory; None = the embedded tiny model.
+        steps: optimizer steps. batch_size: global clips per step (split over ranks, then over
+            ``grad_accum`` micro-batches; must be divisible by world_size * grad_accum).
+        lr, warmup_steps, min_lr_ratio: peak LR, linear warm-up, cosine decay to min_lr_ratio * lr
+            (1.0 = constant after warm-up).
+        weight_decay, betas, grad_clip: AdamW and global gradient-norm clipping (0 = off).
+        diffusion_weight: weight of the flow-matching loss added to the distillation loss.
+        timesteps, t_mean, t_std, t_shift: see :func:`vidsparse.models.flow.sample_timesteps`.
+        trainable: "all" parameters, or "attention" (only ``attn1`` / ``attn2`` of every block).
+        topk, topp, block_q, block_k, backend: the student's :class:`vidsparse.SparseConfig`.
+        data: "train" or "shifted", the split whose clips build x_0.
+        frames, size: clip geometry (the condition width is the model's ``text_dim``).
+        seed, device, precision: data/noise seed; "auto"/"cpu"/"cuda[:N]" (ignored under DDP,
+            where rank r uses cuda:LOCAL_RANK or the CPU); bf16 autocast on CUDA by default.
+        ckpt_every, keep_checkpoints, log_every: cadences; resume: None, "auto" or a file.
+        export: save the final student with ``save_pretrained`` (fp16 safetensors).
+        progress: tqdm bar (rank 0). command: recorded in summary.json.
+    """
+
+    out: str
+    model: str | None = None
+    steps: int = 500
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_steps: int = 20
+    min_lr_ratio: float = 1.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    diffusion_weight: float = 0.0
+    timesteps: str = "logit-normal"
+    t_mean: float = 1.5
+    t_std: float = 1.6
+    t_shift: float = 1.0
+    trainable: str = "all"
+    topk: float = 0.03
+    topp: float | None = 0.2
+    block_q: int = 128
+    block_k: int = 64
+    backend: str = "auto"
+    data: str = "train"
+    frames: int = 16
+    size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: str | None = None
+    export: bool = True
+    progress: bool = True
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
+                              ("ckpt_every", 1), ("keep_checkpoints", 1), ("log_every", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+        if not (self.diffusion_weight >= 0 and math.isfinite(self.diffusion_weight)):
+            raise ValueError(f"diffusion_weight must be a finite number >= 0, got {self.diffusion_weight}")
+        if self.timesteps not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
+        if not self.t_std > 0 or not self.t_shift > 0:
+            raise ValueError(f"t_std and t_shift must be > 0, got {self.t_std}, {self.t_shift}")
+        if self.trainable not in _TRAINABLE:
+            raise ValueError(f"trainable must be one of {_TRAINABLE}, got {self.trainable!r}")
+        if self.data not in ("train", "shifted"):
+            raise ValueError(f"data must be 'train' or 'shifted', got {self.data!r}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        self.betas = tuple(self.betas)
+        self.sparse_config()  # validates topk / topp / block sizes / backend, naming the field
+
+    def sparse_config(self):
+        """The student's :class:`vidsparse.SparseConfig`."""
+        from ..integrations.config import SparseConfig
+
+        return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k, backend=self.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def make_student_teacher(model: torch.nn.Module, sparse_config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two copies of ``model``: a patched sparse-attention student and a frozen dense teacher.
+
+    ``model`` itself is left untouched. The teacher is in eval mode with ``requires_grad=False``
+    and is never patched; the student is in train mode and starts from the same weights.
+    """
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    student = copy.deepcopy(model).train().requires_grad_(True)
+    from ..integrations.diffusers import patch
+
+    patch(student, sparse_config)
+    return student, teacher
+
+
+def select_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
+    """Set ``requires_grad`` for "all" parameters or only "attention" (attn1/attn2) ones.
+
+    Returns the names of the trainable parameters. Raises ValueError for an unknown ``trainable``
+    or when "attention" matches nothing (not a Wan-style model).
+    """
+    if trainable not in _TRAINABLE:
+        raise ValueError(f"trainable must be one of {_TRAINABLE}, got {trainable!r}")
+    names = []
+    for name, p in model.named_parameters():
+        keep = trainable == "all" or ".attn1." in name or ".attn2." in name
+        p.requires_grad_(keep)
+        if keep:
+            names.append(name)
+    if not names:
+        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}")
+    return names
+
+
+def distill_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    x0: torch.Tensor,
+    cond_embeds: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    diffusion_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity-distillation loss of one (micro-)batch.
+
+    x0, noise: (B, C, T, H, W); cond_embeds: (B, L, D); t: (B,) in (0, 1).
+    Returns ``(loss, vd)``: the optimised float32 scalar ``vd + diffusion_weight * fm`` and the
+    pure distillation term ``vd = mean((v_student - v_teacher)^2)`` (detached).
+    """
+    x_t = noisy_sample(x0, noise, t)
+    with torch.no_grad():
+        v_teacher = predict_velocity(teacher, x_t, t, cond_embeds).float()
+    v_student = predict_velocity(student, x_t, t, cond_embeds).float()
+    vd = F.mse_loss(v_student, v_teacher)
+    loss = vd
+    if diffusion_weight:
+        loss = loss + diffusion_weight * F.mse_loss(v_student, velocity_target(x0, noise).float())
+    return loss, vd.detach()
+
+
+def _load_model(path: str | None) -> torch.nn.Module:
+    """The model to distil, in float32 on the CPU; errors name ``--model`` and the path."""
+    from ..models.tiny_wan import default_weights_dir, load_tiny_wan
+
+    where = Path(path) if path is not None else default_weights_dir()
+    has_weights = (where / "config.json").is_file() and any(where.glob("*.safetensors"))
+    if not has_weights:
+        hint = "" if path is not None else " (the embedded tiny model has not been trained yet: run `python -m vidsparse.training.pretrain`)"
+        raise FileNotFoundError(
+            f"--model {where}: no diffusers checkpoint there (expected config.json and *.safetensors){hint}"
+        )
+    return load_tiny_wan(where, device="cpu", dtype=torch.float32)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Run (or resume) a distillation run; returns the summary (also written to summary.json).
+
+    ``model`` (float32, any device) replaces loading ``cfg.model`` (tests, notebooks). Under
+    torchrun (WORLD_SIZE > 1) this joins a process group (gloo on CPU, nccl on CUDA) unless one
+    is already initialised, and destroys it at the end if it created it.
+    """
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from ..models.tiny_wan import count_parameters, token_grid
+
+    t_start = time.monotonic()
+    rank, world, local_rank = _dist_info()
+    distributed = world > 1
+    if distributed:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() and cfg.device != "cpu" else torch.device("cpu")
+    else:
+        device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    own_group = False
+    if distributed and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        own_group = True
+    main_rank = rank == 0
+    per_rank, rem = divmod(cfg.batch_size, world * cfg.grad_accum)
+    if rem or per_rank == 0:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be a positive multiple of world_size * grad_accum = {world} * {cfg.grad_accum}"
+        )
+    local_bs = cfg.batch_size // world  # this rank's slice of the global batch
+    micro_bs = local_bs // cfg.grad_accum
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    out = Path(cfg.out)
+    log_path = out / "log.jsonl"
+    base = model if model is not None else _load_model(cfg.model)
+    data = ShapesConfig(frames=cfg.frames, size=cfg.size, text_dim=base.config.text_dim)
+    grid = token_grid(base.config, data.frames, data.size, data.size)  # raises naming frames / size
+    student, teacher = make_student_teacher(base, cfg.sparse_config())
+    del base
+    trainable = select_trainable(student, cfg.trainable)
+    student.to(device)
+    teacher.to(device)
+    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=cuda)
+    scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+
+    # ---- resume (every rank loads the same file; only rank 0 touches the directory)
+    step, prev_elapsed = 0, 0.0
+    ckpts = list_checkpoints(out)
+    if cfg.resume is None and ckpts:
+        raise ValueError(f"--out {out} already holds checkpoints ({ckpts[-1].name}); pass --resume or a new --out")
+    if cfg.resume is not None:
+        if cfg.resume == "auto" and not ckpts:
+            raise FileNotFoundError(f"--resume: {_checkpoint_dir(out)} has no checkpoints")
+        path = ckpts[-1] if cfg.resume == "auto" else Path(cfg.resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("model_config") != _arch(student):
+            raise ValueError(f"--resume: checkpoint {path} holds another model config: {state.get('model_config')}")
+        changed = _changed_hyperparameters(state.get("distill_config", {}), _jsonable(cfg))
+        if changed and main_rank:
+            print(f"note: resuming with changed settings: {changed}", file=sys.stderr)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], device)
+        step, prev_elapsed = int(state["step"]), float(state["elapsed_s"])
+        if main_rank:
+            _truncate_log(log_path, step)
+            print(f"resumed from {path} at step {step}", file=sys.stderr)
+    elif main_rank and log_path.exists():
+        log_path.unlink()  # fresh run: fresh log
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(student, device_ids=[device.index] if cuda else None)
+    else:
+        fwd = student
+
+    def checkpoint(at: int) -> Path | None:
+        if not main_rank:
+            return None
+        path = _checkpoint_dir(out) / f"step-{at:07d}.pt"
+        _save_checkpoint(path, {
+            "version": _CKPT_VERSION,
+            "step": at,
+            "elapsed_s": prev_elapsed + time.monotonic() - t_start,
+            "student": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(device),
+            "distill_config": _jsonable(cfg),
+            "model_config": _arch(student),
+        })
+        _prune_checkpoints(out, cfg.keep_checkpoints)
+        return path
+
+    def log(record: dict[str, Any]) -> None:
+        if main_rank:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    tokens = math.prod(grid)
+    if main_rank:
+        print(
+            f"distill: {count_parameters(student) / 1e6:.2f} M params ({len(trainable)} trainable tensors, {cfg.trainable}), "
+            f"{tokens} tokens, {cfg.sparse_config()!r}\n"
+            f"device {device} x{world}, {'bf16 autocast' if use_bf16 else 'fp32'}, global batch {cfg.batch_size} "
+            f"(per rank {local_bs}, accum {cfg.grad_accum}), data split {cfg.data!r}, steps {step}->{cfg.steps}",
+            file=sys.stderr,
+        )
+
+    last_ckpt_step = step if cfg.resume is not None else -1
+    sums = torch.zeros(3, device=device)  # loss, vd, grad-norm sums over the log interval
+    n_acc, t_log = 0, time.monotonic()
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (cfg.progress and main_rank), dynamic_ncols=True)
+    interrupted = False
+    try:
+        while step < cfg.steps:
+            # global batch drawn identically on every rank, then sliced: ranks and resumes agree
+            g = _generator(device, cfg.seed, _STREAM_DISTILL, step)
+            x_shape = (cfg.batch_size, 3, data.frames, data.size, data.size)
+            noise_all = torch.randn(x_shape, generator=g, device=device)
+            t_all = sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std,
+                                     shift=cfg.t_shift, generator=g, device=device)
+            lo = rank * local_bs
+            x0, emb, _ = make_batch(local_bs, seed=cfg.seed, split=cfg.data, start=step * cfg.batch_size + lo,
+                                    config=data, device=device)
+            noise, t = noise_all[lo : lo + local_bs], t_all[lo : lo + local_bs]
+
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            step_vd = torch.zeros((), device=device)
+            for m in range(cfg.grad_accum):
+                sl = slice(m * micro_bs, (m + 1) * micro_bs)
+                # DDP all-reduces only on the last micro-batch
+                sync = fwd.no_sync() if distributed and m < cfg.grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with amp():
+                        loss, vd = distill_loss(fwd, teacher, x0[sl], emb[sl], noise[sl], t[sl], cfg.diffusion_weight)
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.detach() / cfg.grad_accum
+                step_vd += vd / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in student.parameters() if p.requires_grad], cfg.grad_clip or float("inf")
+            )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            sums += torch.stack([step_loss, step_vd, grad_norm.detach().float()])
+            n_acc += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if distributed:  # the loss of the global batch, not of rank 0's slice
+                    dist.all_reduce(sums)
+                    sums /= world
+                mean = (sums / n_acc).tolist()
+                if not math.isfinite(mean[0]):
+                    raise FloatingPointError(f"loss became {mean[0]} at step {step}; resume from the last checkpoint")
+                now = time.monotonic()
+                step_time = (now - t_log) / n_acc
+                rec = {"kind": "train", "step": step, "loss": mean[0], "vd_loss": mean[1], "grad_norm": mean[2],
+                       "lr": scheduler.get_last_lr()[0], "clips_per_s": cfg.batch_size / step_time,
+                       "elapsed_s": prev_elapsed + now - t_start}
+                log(rec)
+                bar.set_postfix(loss=f"{mean[0]:.3e}", lr=f"{rec['lr']:.1e}")
+                sums.zero_()
+                n_acc, t_log = 0, time.monotonic()
+            if step % cfg.ckpt_every == 0:
+                checkpoint(step)
+                last_ckpt_step = step
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    if last_ckpt_step != step:
+        path = checkpoint(step)
+        if path is not None:
+            print(f"checkpoint {path}", file=sys.stderr)
+    if interrupted:
+        if own_group:
+            dist.destroy_process_group()
+        raise KeyboardInterrupt(f"interrupted at step {step}; resume with --resume")
+
+    summary: dict[str, Any] = {}
+    if main_rank:
+        from .plots import read_jsonl
+
+        records = [r for r in read_jsonl(log_path) if r["kind"] == "train"]
+        tail = records[-max(1, len(records) // 10):] if records else []
+        summary = {
+            "step": step,
+            "world_size": world,
+            "batch_size": cfg.batch_size,
+            "first_loss": records[0]["loss"] if records else None,
+            "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+            "wall_time_s": prev_elapsed + time.monotonic() - t_start,
+            "tokens": tokens,
+            "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "sparse_config": repr(cfg.sparse_config()),
+            "config": _jsonable(cfg),
+        }
+        if cfg.export:
+            summary["student_dir"] = str(_export_student(student, teacher, out / "student"))
+        try:
+            from .plots import save_loss_curve
+
+            save_loss_curve(log_path, out / "loss_curve.png",
+                            title=f"velocity distillation (k={cfg.topk}, p={cfg.topp}, {step} steps, batch {cfg.batch_size})",
+                            ylabel="velocity-distillation MSE")
+        except ImportError:  # matplotlib is optional
+            pass
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if own_group:
+        dist.barrier()  # rank 0 finished writing before anyone exits
+        dist.destroy_process_group()
+    return summary
+
+
+def _export_student(student: torch.nn.Module, teacher: torch.nn.Module, path: Path) -> Path:
+    """Save the student's weights (fp16 safetensors) in an unpatched copy of the architecture.
+
+    The teacher is the same architecture without vidsparse's processors, so the saved model loads
+    as a plain diffusers model; patch it again for sparse inference.
+    """
+    plain = copy.deepcopy(teacher).cpu()
+    plain.load_state_dict({k: v.detach().cpu() for k, v in student.state_dict().items()})
+    # plain nn.Module.to: diffusers' override warns about fp16 inference, irrelevant for storage
+    torch.nn.Module.to(plain, dtype=torch.float16).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _optional_float(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float or 'none', got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = DistillConfig(out="")
+    p = argparse.ArgumentParser(
+        prog="python -m vidsparse.training.distill",
+        description="Velocity-distillation fine-tuning of a sparse-attention student against its dense teacher.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="diffusers Wan checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, log, final student)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all ranks, all micro-batches)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step and rank")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decay floor; 1 = constant after warm-up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
+    p.add_argument("--diffusion-weight", type=float, default=d.diffusion_weight,
+                   help="weight of the flow-matching loss added to the distillation loss (paper: 0)")
+    p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
+    p.add_argument("--t-mean", type=float, default=d.t_mean, help="logit-normal mean")
+    p.add_argument("--t-std", type=float, default=d.t_std, help="logit-normal std")
+    p.add_argument("--t-shift", type=float, default=d.t_shift)
+    p.add_argument("--trainable", choices=_TRAINABLE, default=d.trainable)
+    p.add_argument("--topk", type=float, default=d.topk)
+    p.add_argument("--topp", type=_optional_float, default=d.topp, help="a float, or 'none' for Top-k only")
+    p.add_argument("--block-q", type=int, default=d.block_q)
+    p.add_argument("--block-k", type=int, default=d.block_k)
+    p.add_argument("--backend", default=d.backend, help="auto, triton, flex or reference")
+    p.add_argument("--data", choices=("train", "shifted"), default=d.data, help="the split whose clips build x_0")
+    p.add_argument("--frames", type=int, default=d.frames)
+    p.add_argument("--size", type=int, default=d.size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--precision", choices=_PRECISIONS, default=d.precision)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from the latest checkpoint in --out, or the given file")
+    p.add_argument("--no-export", action="store_true", help="skip saving the final student")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    cmd = "python -m vidsparse.training.distill " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = DistillConfig(
+            out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip, diffusion_weight=args.diffusion_weight, timesteps=args.timesteps,
+            t_mean=args.t_mean, t_std=args.t_std, t_shift=args.t_shift, trainable=args.trainable, topk=args.topk,
+            topp=args.topp, block_q=args.block_q, block_k=args.block_k, backend=args.backend, data=args.data,
+            frames=args.frames, size=args.size, seed=args.seed, device=args.device, precision=args.precision,
+            ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume, export=not args.no_export,
+            progress=not args.no_progress, command=cmd,
+        )
+        summary = distill(cfg)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    if summary:
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
