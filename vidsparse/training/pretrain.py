@@ -88,6 +88,9 @@ class TrainConfig:
         time_reserve_s: seconds kept free at the end for the final checkpoint and export.
         stop_at: stop (checkpoint, no export) after this step, keeping the schedule of ``steps``.
         resume: None, "auto" (latest checkpoint in ``out``) or a checkpoint file.
+        init_from: a saved model directory (``save_pretrained``, e.g. an earlier run's ``model/``)
+            whose weights start this run instead of the random init; optimizer, schedule and EMA
+            start fresh (a warm restart). The architecture must match. Ignored when resuming.
         export: write ``out/model`` (fp16 EMA, card, samples) at the end.
         num_samples, sample_steps, guidance_scale: the sample strip made at export.
         progress: show tqdm progress bars.
@@ -124,6 +127,7 @@ class TrainConfig:
     time_reserve_s: float = 30.0
     stop_at: int | None = None
     resume: str | None = None
+    init_from: str | None = None
     export: bool = True
     num_samples: int = 6
     sample_steps: int = 40
@@ -370,6 +374,17 @@ def _validation_loss(model, batch, batch_size: int, amp) -> float:
     return total / x0.shape[0]
 
 
+def _load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Copy the weights of the saved model in ``path`` into ``model`` (same architecture, fp32)."""
+    from ..models.tiny_wan import load_tiny_wan
+
+    init = load_tiny_wan(path)
+    if _arch(init) != _arch(model):
+        raise ValueError(f"init_from={str(path)!r} has another architecture: {_arch(init)} vs {_arch(model)}")
+    model.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+    print(f"initialised from {path}", file=sys.stderr)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns the summary that is also written to summary.json."""
     from tqdm.auto import tqdm
@@ -399,6 +414,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "(set both, e.g. model_overrides={'text_dim': ...})"
         )
     grid = token_grid(model.config, data.frames, data.size, data.size)
+    if cfg.init_from is not None and cfg.resume is None:
+        _load_init_weights(model, cfg.init_from)
     model.to(device).train()
     ema = EMA(model, cfg.ema_decay)
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=cuda)
@@ -795,7 +812,7 @@ Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation us
 
 | | |
 |---|---|
-| steps | {s['step']} of {s['steps']}{stopped} |
+| steps | {s['step']} of {s['steps']}{stopped}{f"; warm restart from the weights in `{cfg.init_from}` (earlier runs' steps not counted)" if cfg.init_from else ''} |
 | batch | {cfg.batch_size} clips ({cfg.batch_size * s['tokens']:,} tokens); {s['clips_seen']:,} clips seen |
 | optimizer | AdamW, peak lr {cfg.lr:g}, betas {cfg.betas}, weight decay {cfg.weight_decay} (matrices only), grad clip {cfg.grad_clip} |
 | schedule | {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g} x peak |
@@ -875,6 +892,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit-min", type=float, default=None, help="checkpoint and export before this wall time")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step without finishing the schedule")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from the latest checkpoint in --out, or from the given file")
+    p.add_argument("--init-from", default=None, help="start from this saved model directory (fresh optimizer and schedule)")
     p.add_argument("--no-export", action="store_true", help="skip the fp16 export, samples and model card")
     p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
@@ -916,6 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             time_limit_min=args.time_limit_min,
             stop_at=args.stop_at,
             resume=args.resume,
+            init_from=args.init_from,
             export=not args.no_export,
             num_samples=args.num_samples,
             sample_steps=args.sample_steps,

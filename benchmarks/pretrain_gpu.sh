@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Continue the tiny model's pretraining on one GPU inside one device call (<= 10 min):
+# warm restart from the shipped weights, torch.compile, a fresh clip stream (seed 1); falls back
+# to eager if compilation fails. Results (model dir, log) are copied to $OUT.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+LIMIT_MIN=${LIMIT_MIN:-9.0}
+start=$(date +%s)
+args=(--steps auto --init-from vidsparse/assets/tiny_wan --seed 1 --lr ${LR:-5e-4} --warmup-steps 100 --no-progress)
+python3 -m vidsparse.training.pretrain --out runs/tiny_wan2 "${args[@]}" --compile --time-limit-min "$LIMIT_MIN" > "$OUT/pretrain.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then
+  left=$(python3 -c "print(round($LIMIT_MIN - ($(date +%s) - $start) / 60 - 0.2, 2))")
+  echo "compiled run failed (rc $rc); eager run with $left min" | tee -a "$OUT/pretrain.log"
+  rm -rf runs/tiny_wan2
+  python3 -m vidsparse.training.pretrain --out runs/tiny_wan2 "${args[@]}" --time-limit-min "$left" >> "$OUT/pretrain.log" 2>&1
+  rc=$?
+fi
+tail -30 "$OUT/pretrain.log"
+cp runs/tiny_wan2/model/* runs/tiny_wan2/log.jsonl "$OUT/" 2>/dev/null
+exit $rc
