@@ -1,7 +1,8 @@
 """Where the time goes at the Wan2.1-1.3B shape (B=1, H=12, N=32760, D=128, bf16) on one GPU.
 
 Stage timings of the fused mask predictor (pooling, pooled-score matmul, selection kernel at
-several warp counts), the forward kernel (current vs. the previous commit's, same run), and the
+several warp counts), the forward kernel (and, if present, an A/B copy of it saved as
+``vidsparse/kernels/_ab_old_attention.py``, same run), and the
 bytes/FLOPs each stage must move, against the card's measured copy bandwidth. Prints a table;
 JSON to --out. Run under ncu separately for hardware counters (see benchmarks/gpu_profile.sh).
 """

@@ -73,64 +73,27 @@ _AUTOTUNE = not _INTERPRET and os.environ.get("VIDSPARSE_AUTOTUNE", "1") != "0"
 
 
 def _configs(options):
-    """options: (meta-kwargs, num_warps, num_stages[, maxnreg]) tuples, the default first."""
+    """options: (meta-kwargs, num_warps, num_stages) tuples, the default first."""
     if _INTERPRET:
         return [triton.Config(options[0][0], num_warps=4, num_stages=1)]
     chosen = options if _AUTOTUNE else options[:1]
-    return [triton.Config(o[0], num_warps=o[1], num_stages=o[2], maxnreg=o[3] if len(o) > 3 else None) for o in chosen]
+    return [triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in chosen]
 
 
 # Key tiles stay one mask block wide, walked with a scalar block index. A variant that gathered
 # two non-adjacent 64-key blocks into one 128-wide tile (per-element key indices) ran the dense
 # forward 1.4x slower than this loop (23.1 ms on an H100 vs 16.4 ms on an H200 the run before;
 # cuDNN 11.2 vs 11.6 ms there), so it was dropped. docs/results.md has the measurements.
-# Nsight Compute on an H100 (bf16, 128x64 blocks, D=128): the default config holds 186 registers
-# per thread, so one 8-warp CTA fits per SM (12.5% occupancy) and the kernel is latency-bound
-# (37% SM, 36% memory throughput). The maxnreg=128 variants let two CTAs share an SM.
-_FWD_OPTIONS = [({}, 8, 3), ({}, 4, 3), ({}, 8, 2), ({}, 4, 2), ({}, 8, 4), ({}, 8, 2, 128), ({}, 8, 3, 128)]
+# Peeling the ragged tail block off the key loop (unmasked loop, one masked step) made no
+# difference dense and was 13% slower at 95% sparsity (H100, 1.026 vs 0.905 ms, same run, twice),
+# so every step keeps its key mask. Nsight Compute: 186 registers per thread -> one 8-warp CTA per
+# SM (12.5% occupancy), 37% SM / 36% memory throughput: latency-bound (docs/results.md).
+_FWD_OPTIONS = [({}, 8, 3), ({}, 4, 3), ({}, 8, 2), ({}, 4, 2), ({}, 8, 4)]
 # dQ: BLOCK_M query rows per program (capped by block_q in the kernel and the grid)
 _DQ_OPTIONS = [({"SUB_M": 64}, 4, 2), ({"SUB_M": 128}, 8, 2), ({"SUB_M": 64}, 4, 3), ({"SUB_M": 128}, 8, 3),
                ({"SUB_M": 64}, 8, 2)]
 _DKDV_OPTIONS = [({"SUB_M": 64}, 4, 3), ({"SUB_M": 128}, 8, 2), ({"SUB_M": 64}, 4, 2), ({"SUB_M": 128}, 4, 2),
                  ({"SUB_M": 64}, 8, 3), ({"SUB_M": 128}, 8, 3)]
-
-
-@triton.jit
-def _fwd_tile(
-    q, acc, m_i, l_i, k_base, v_base, start_n, skn, skd, svn, svd, k_len, head_dim, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_K: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
-):
-    """One online-softmax step over keys [start_n, start_n + BLOCK_N); MASK_K for a ragged tail."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd
-    v_ptrs = v_base + start_n * svn + offs_n[:, None] * svn + offs_d[None, :] * svd
-    n_valid = (start_n + offs_n) < k_len
-    d_valid = offs_d < head_dim
-    if MASK_K:
-        kt = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        vv = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-    elif EVEN_D:
-        kt = tl.load(k_ptrs)
-        vv = tl.load(v_ptrs)
-    else:
-        kt = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
-        vv = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
-    s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
-    if MASK_K:
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASK_K:
-        # a tile with every key masked keeps m = -inf: shift by 0 instead of NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = _dot(p.to(vv.dtype), vv, acc, IEEE)
-    return acc, m_new, l_i
 
 
 @triton.autotune(configs=_configs(_FWD_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_K", "IEEE"])
@@ -157,6 +120,7 @@ def _fwd_kernel(
     row = start_m // BLOCK_Q  # the mask row this tile lies in
 
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = (start_m + offs_m) < q_len
     d_valid = offs_d < head_dim
@@ -176,24 +140,31 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Index tables are ascending (the BlockMask contract), so only a row's last kept block can be
-    # the ragged tail block: the loop runs without key masks and the last block is peeled off.
-    n_even = cnt if EVEN_K else cnt - 1
-    for t in range(0, n_even):
+    for t in range(0, cnt):
         j = tl.load(idx_base + t * sit).to(tl.int64)
         for sub in tl.static_range(BLOCK_K // BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(
-                q, acc, m_i, l_i, k_base, v_base, j * BLOCK_K + sub * BLOCK_N, skn, skd, svn, svd, k_len, head_dim,
-                qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, False, EVEN_D, IEEE,
-            )
-    if not EVEN_K:
-        if cnt > 0:
-            j = tl.load(idx_base + (cnt - 1) * sit).to(tl.int64)
-            for sub in tl.static_range(BLOCK_K // BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(
-                    q, acc, m_i, l_i, k_base, v_base, j * BLOCK_K + sub * BLOCK_N, skn, skd, svn, svd, k_len,
-                    head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, True, EVEN_D, IEEE,
-                )
+            start_n = j * BLOCK_K + sub * BLOCK_N
+            k_ptrs = k_base + start_n * skn + offs_n[None, :] * skn + offs_d[:, None] * skd
+            v_ptrs = v_base + start_n * svn + offs_n[:, None] * svn + offs_d[None, :] * svd
+            n_valid = (start_n + offs_n) < k_len
+            if EVEN_K and EVEN_D:
+                kt = tl.load(k_ptrs)
+                vv = tl.load(v_ptrs)
+            else:
+                kt = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+                vv = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            s = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+            if not EVEN_K:
+                s = tl.where(n_valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a tile with every key masked keeps m = -inf: shift by 0 instead of NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(vv.dtype), vv, acc, IEEE)
+            m_i = m_new
 
     empty = l_i == 0.0  # a row that keeps no block: o = 0, lse = -inf
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
