@@ -196,7 +196,7 @@ def test_bad_layout(bad):
 @pytest.mark.parametrize("bad", ["cuda", "Triton", "", None])
 def test_bad_backend_name(bad):
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \('triton', 'flex', 'reference'\)"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \('triton', 'flex', 'gather', 'reference'\)"):
         block_sparse_attention(q, k, v, _full(), backend=bad)
 
 
@@ -221,15 +221,17 @@ def test_no_backend_error_names_the_backend_and_why():
 
 
 def test_no_backend_error_lists_every_backend_tried(monkeypatch):
-    monkeypatch.setattr(reference, "not_supported_reasons", lambda *a, **kw: ["disabled for this test"])
+    from vidsparse.kernels import gather
+
+    monkeypatch.setattr(gather, "not_supported_reasons", lambda *a, **kw: ["disabled for this test"])
     q, k, v = _qkv(dtype=torch.float64)
     q.requires_grad_()
     with pytest.raises(NoBackendError) as err:
-        block_sparse_attention(q, k, v, _full())  # auto: triton, then reference
+        block_sparse_attention(q, k, v, _full())  # auto: triton, then gather
     lines = str(err.value).splitlines()
     assert "requires_grad=True" in lines[0]
     assert [line.split(":")[0].strip() for line in lines[1:]] == list(dispatch.AUTO_ORDER)
-    assert lines[-1] == "  reference: disabled for this test"
+    assert lines[-1] == "  gather: disabled for this test"
     assert "float64" in lines[1]  # triton's own reason
 
 
@@ -250,6 +252,6 @@ def test_flex_reasons_are_listed_on_cpu_backward():
 def test_backend_report_describes_each_backend():
     report = dispatch.backend_report("cpu")
     assert set(report) == set(dispatch.BACKENDS)
-    assert report["reference"] == "usable (forward + backward)"
+    assert report["reference"] == report["gather"] == "usable (forward + backward)"
     assert "no CPU backward" in report["flex"]  # the report asks for a backward
     assert report["triton"]  # a reason or "usable": never empty

@@ -1,4 +1,4 @@
-"""The exact reference backend against dense SDPA with the mask expanded to tokens.
+"""The exact reference backend, and the gather backend, against dense SDPA with the mask expanded to tokens.
 
 ``torch.nn.functional.scaled_dot_product_attention`` with ``mask.token_mask()`` as a boolean
 ``attn_mask`` is the ground truth for o and for autograd gradients; the LSE is checked against
@@ -15,6 +15,8 @@ import vidsparse
 from vidsparse import BlockMask
 from vidsparse.kernels import reference
 
+# "gather" computes only the kept blocks (the CPU default); it is held to the same oracle
+EAGER_BACKENDS = ["reference", "gather"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
@@ -58,22 +60,24 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES)
-def test_forward_and_lse_match_masked_sdpa(case, dtype):
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_forward_and_lse_match_masked_sdpa(backend, case, dtype):
     b, h, lq, lk, d, bq, bk, mb, mh = case
     q, k, v = _qkv(b, h, lq, lk, d, dtype, seed=lq + lk)
     mask = _mask(mb, mh, lq, lk, bq, bk, seed=lq)
-    o, lse = vidsparse.block_sparse_attention(q, k, v, mask, backend="reference", return_lse=True)
+    o, lse = vidsparse.block_sparse_attention(q, k, v, mask, backend=backend, return_lse=True)
     assert o.dtype == dtype and o.shape == (b, h, lq, d) and lse.shape == (b, h, lq)
     torch.testing.assert_close(o, _sdpa(q, k, v, mask), **TOL[dtype])
     torch.testing.assert_close(lse.to(dtype), _masked_lse(q, k, mask, d**-0.5), **TOL[dtype])
 
 
-def test_layout_bnhd_and_custom_scale():
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_layout_bnhd_and_custom_scale(backend):
     q, k, v = _qkv(2, 3, 90, 70, 16, torch.float64, seed=1)
     mask = _mask(2, 3, 90, 70, 32, 16, seed=2)
     o, lse = vidsparse.block_sparse_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
-        scale=0.37, layout="bnhd", backend="reference", return_lse=True,
+        scale=0.37, layout="bnhd", backend=backend, return_lse=True,
     )
     assert o.shape == (2, 90, 3, 16)  # same layout out as in
     torch.testing.assert_close(o.transpose(1, 2), _sdpa(q, k, v, mask, scale=0.37), **TOL[torch.float64])
@@ -81,12 +85,13 @@ def test_layout_bnhd_and_custom_scale():
 
 
 @pytest.mark.parametrize("case", CASES[1:4])
-def test_gradients_match_autograd_through_sdpa(case):
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_gradients_match_autograd_through_sdpa(backend, case):
     b, h, lq, lk, d, bq, bk, mb, mh = case
     q, k, v = _qkv(b, h, lq, lk, d, torch.float64, seed=3, grad=True)
     mask = _mask(mb, mh, lq, lk, bq, bk, seed=4)
     do = torch.randn(b, h, lq, d, dtype=torch.float64)
-    o = vidsparse.block_sparse_attention(q, k, v, mask, backend="reference", scale=0.2)
+    o = vidsparse.block_sparse_attention(q, k, v, mask, backend=backend, scale=0.2)
     grads = torch.autograd.grad(o, (q, k, v), do)
     o_ref = _sdpa(q, k, v, mask, scale=0.2)
     grads_ref = torch.autograd.grad(o_ref, (q, k, v), do)
@@ -94,24 +99,26 @@ def test_gradients_match_autograd_through_sdpa(case):
         torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
 
 
-def test_gradients_float32_within_float32_tolerance():
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_gradients_float32_within_float32_tolerance(backend):
     q, k, v = _qkv(2, 2, 70, 100, 16, torch.float32, seed=5, grad=True)
     mask = _mask(1, 2, 70, 100, 32, 32, seed=6)
     do = torch.randn(2, 2, 70, 16)
-    grads = torch.autograd.grad(vidsparse.block_sparse_attention(q, k, v, mask, backend="reference"), (q, k, v), do)
+    grads = torch.autograd.grad(vidsparse.block_sparse_attention(q, k, v, mask, backend=backend), (q, k, v), do)
     grads_ref = torch.autograd.grad(_sdpa(q, k, v, mask), (q, k, v), do)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_rows_keeping_no_block_give_zero_output_and_gradient():
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_rows_keeping_no_block_give_zero_output_and_gradient(backend):
     b, h, lq, lk, d, bq, bk = 1, 2, 80, 64, 8, 32, 16
     # query block 1 of head 0 keeps nothing (count 0); the other rows keep 1-2 blocks
     idx = torch.tensor([[[[0, 3], [1, 2], [2, 0]], [[1, 0], [3, 0], [0, 2]]]])
     cnt = torch.tensor([[[2, 0, 1], [1, 2, 2]]])
     mask = BlockMask.from_indices(idx, cnt, block_q=bq, block_k=bk, q_len=lq, k_len=lk)
     q, k, v = _qkv(b, h, lq, lk, d, torch.float64, seed=7, grad=True)
-    o, lse = vidsparse.block_sparse_attention(q, k, v, mask, backend="reference", return_lse=True)
+    o, lse = vidsparse.block_sparse_attention(q, k, v, mask, backend=backend, return_lse=True)
     empty = slice(32, 64)
     assert bool((o[0, 0, empty] == 0).all())
     assert bool(torch.isneginf(lse[0, 0, empty]).all())
@@ -129,6 +136,27 @@ def test_rows_keeping_no_block_give_zero_output_and_gradient():
     torch.testing.assert_close(dq[:, :1, rows], dq_ref[:, :1, rows], **TOL[torch.float64])
     torch.testing.assert_close(dk[:, :1], dk_ref[:, :1], **TOL[torch.float64])
     torch.testing.assert_close(dv[:, :1], dv_ref[:, :1], **TOL[torch.float64])
+
+
+def test_gather_chunks_query_blocks_without_changing_results(monkeypatch):
+    from vidsparse.kernels import gather
+
+    q, k, v = _qkv(2, 2, 150, 90, 8, torch.float64, seed=9, grad=True)
+    mask = _mask(2, 2, 150, 90, 32, 16, density=0.4, seed=9, nonempty=False)
+    o, lse = gather.attention(q, k, v, mask, 0.3)
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    monkeypatch.setattr(gather, "_CHUNK_ELEMENTS", 1)  # one query block per chunk
+    o2, lse2 = gather.attention(q, k, v, mask, 0.3)
+    grads2 = torch.autograd.grad(o2.sum(), (q, k, v))
+    torch.testing.assert_close(o2, o, rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+    for a, b in zip(grads2, grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # a mask that keeps nothing at all: zeros, -inf, zero gradients
+    nothing = BlockMask.from_dense(torch.zeros(1, 1, 5, 6, dtype=torch.bool), block_q=32, block_k=16, q_len=150, k_len=90)
+    o3, lse3 = gather.attention(q, k, v, nothing, 0.3)
+    assert bool((o3 == 0).all()) and bool(torch.isneginf(lse3).all())
+    assert all(bool((g == 0).all()) for g in torch.autograd.grad(o3.sum(), (q, k, v), allow_unused=True) if g is not None)
 
 
 def test_chunked_path_gives_the_same_results(monkeypatch):
@@ -171,13 +199,14 @@ def test_sparse_attention_is_masker_plus_block_sparse_attention():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_v_reaches_only_rows_that_attend_to_it(bad):
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_non_finite_v_reaches_only_rows_that_attend_to_it(backend, bad):
     q, k, v = _qkv(1, 2, 96, 64, 8, torch.float32, seed=11)
     dense = torch.tensor([[True, False, False, True], [False, True, False, False], [True, True, True, True]])
     mask = BlockMask.from_dense(dense, block_q=32, block_k=16, q_len=96, k_len=64)
     v_bad = v.clone()
     v_bad[0, 1, 20, 5] = bad  # key block 1, kept only by query blocks 1 and 2
-    o = vidsparse.block_sparse_attention(q, k, v_bad, mask, backend="reference")
+    o = vidsparse.block_sparse_attention(q, k, v_bad, mask, backend=backend)
     o_clean = _sdpa(q, k, v, mask)
     hit = torch.zeros_like(o, dtype=torch.bool)
     hit[0, 1, 32:96, 5] = True
@@ -186,13 +215,14 @@ def test_non_finite_v_reaches_only_rows_that_attend_to_it(bad):
     torch.testing.assert_close(o[~hit], o_clean[~hit], **TOL[torch.float32])
 
 
-def test_half_precision_inputs_return_their_dtype():
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_half_precision_inputs_return_their_dtype(backend):
     q, k, v = _qkv(1, 2, 64, 64, 16, torch.float32, seed=12)
     mask = _mask(1, 2, 64, 64, 32, 16, seed=13)
     o32 = _sdpa(q, k, v, mask)
     for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
         o, lse = vidsparse.block_sparse_attention(
-            q.to(dtype), k.to(dtype), v.to(dtype), mask, backend="reference", return_lse=True
+            q.to(dtype), k.to(dtype), v.to(dtype), mask, backend=backend, return_lse=True
         )
         assert o.dtype == dtype and lse.dtype == torch.float32
         torch.testing.assert_close(o.float(), o32, rtol=tol, atol=tol)
@@ -212,11 +242,12 @@ def test_half_precision_inputs_return_their_dtype():
     density=st.floats(0.05, 1.0),
     seed=st.integers(0, 2**16),
 )
-def test_forward_backward_property(b, h, lq, lk, d, bq, bk, bcast_b, bcast_h, density, seed):
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_forward_backward_property(backend, b, h, lq, lk, d, bq, bk, bcast_b, bcast_h, density, seed):
     q, k, v = _qkv(b, h, lq, lk, d, torch.float64, seed=seed, grad=True)
     mask = _mask(1 if bcast_b else b, 1 if bcast_h else h, lq, lk, bq, bk, density=density, seed=seed)
     do = torch.randn(b, h, lq, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    o, lse = vidsparse.block_sparse_attention(q, k, v, mask, backend="reference", return_lse=True)
+    o, lse = vidsparse.block_sparse_attention(q, k, v, mask, backend=backend, return_lse=True)
     o_ref = _sdpa(q, k, v, mask)
     torch.testing.assert_close(o, o_ref, **TOL[torch.float64])
     torch.testing.assert_close(lse, _masked_lse(q, k, mask, d**-0.5), **TOL[torch.float64])

@@ -44,7 +44,8 @@ def block_sparse_attention(
         layout: "bhnd" or "bnhd" (diffusers' processor layout); o comes back in the same layout.
         return_lse: also return the log-sum-exp of the kept scores, (B, H, Lq) float32 in both
             layouts (natural log; -inf for a row that keeps nothing). It carries no gradient.
-        backend: "auto" (Triton on CUDA, else the exact reference), "triton", "flex" or "reference".
+        backend: "auto" (Triton on CUDA, else "gather": eager PyTorch over the kept blocks only),
+            "triton", "flex", "gather" or "reference" (the exact oracle: computes every score).
     Returns:
         o in q's dtype and layout, or (o, lse) with ``return_lse=True``.
     Raises:

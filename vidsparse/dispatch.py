@@ -21,11 +21,13 @@ __all__ = ["BACKENDS", "AUTO_ORDER", "NoBackendError", "select_backend", "backen
 BACKENDS = {
     "triton": "vidsparse.kernels.triton_attention",
     "flex": "vidsparse.kernels.flex",
+    "gather": "vidsparse.kernels.gather",
     "reference": "vidsparse.kernels.reference",
 }
 # "auto" tries these in order. FlexAttention is left out: it compiles per shape and mask layout,
-# which a user should opt into (backend="flex").
-AUTO_ORDER = ("triton", "reference")
+# which a user should opt into (backend="flex"). "gather" (eager, only the kept blocks) takes
+# everything Triton refuses, so "reference" (the oracle, every score) runs only when asked for.
+AUTO_ORDER = ("triton", "gather")
 
 
 class NoBackendError(NotImplementedError):

@@ -128,7 +128,7 @@ class SparseConfig:
             patchification. None picks one per grid (see
             :func:`vidsparse.integrations.tiling.choose_tile_shape`).
         backend: block-sparse attention backend, ``"auto"`` or one of
-            ``vidsparse.dispatch.BACKENDS`` ("auto": Triton on CUDA, the exact reference on CPU).
+            ``vidsparse.dispatch.BACKENDS`` ("auto": Triton on CUDA, else the eager "gather" backend).
         collect_stats: record per-layer, per-step sparsity and timings (read them with
             :func:`vidsparse.stats`). Off by default: it adds CUDA events and keeps records.
 
