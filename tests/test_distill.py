@@ -1,5 +1,6 @@
 """Velocity distillation (vidsparse.training.distill) on a miniature Wan model, CPU only."""
 
+import copy
 import json
 import os
 import subprocess
@@ -136,3 +137,125 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     exported = load_tiny_wan(tmp_path / "one" / "student")
     for k, v in exported.state_dict().items():
         torch.testing.assert_close(v, one[k], rtol=1e-3, atol=1e-3, msg=k)  # fp16 storage
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA, gradient checkpointing, diffusion-only objective, time limit
+
+LORA = dict(trainable="lora", lora_rank=4, lora_alpha=8.0)
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path):
+    from vidsparse.integrations.diffusers import patch
+    from vidsparse.models.flow import predict_velocity
+    from vidsparse.training.distill import add_lora, train_student
+
+    model = _mini_model()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(tmp_path, steps=12, ckpt_every=12, lr=1e-2, export=True, **LORA)
+    # one backward: gradients reach the adapters only
+    student, teacher = make_student_teacher(model, cfg.sparse_config())
+    names = add_lora(student, 4, 8.0)
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert any(".attn1." in n for n in names) and any(".attn2." in n for n in names)
+    assert not any(".ffn." in n for n in names)
+    from vidsparse.training.distill import select_trainable
+
+    assert sorted(select_trainable(student, "lora")) == sorted(names)
+    batch = _fixed_batch()
+    loss, _ = distill_loss(student, teacher, *batch)
+    loss.backward()
+    for n, p in student.named_parameters():
+        assert (p.grad is not None) == (n in names), n
+    with torch.no_grad():
+        before = float(distill_loss(student, teacher, *batch)[1])  # B = 0: the base model's loss
+
+    summary, plain = train_student(cfg, model=model)
+    assert summary["trainable_parameters"] == sum(p.numel() for n, p in student.named_parameters() if n in names)
+    state = _final_student(tmp_path)
+    for k, v in reference.items():  # the base weights are frozen
+        key = k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias") if f"{k.rsplit('.', 1)[0]}.base_layer.weight" in state else k
+        assert torch.equal(state[key], v), k
+    assert any(v.abs().sum() > 0 for k, v in state.items() if ".lora_B." in k)
+    # the trained LoRA student (reloaded from the checkpoint) vs the merged plain model
+    trained = copy.deepcopy(student)
+    trained.load_state_dict(state)
+    with torch.no_grad():
+        after = float(distill_loss(trained, teacher, *batch)[1])
+    assert after < 0.95 * before, (before, after)
+    x0, emb, noise, t = batch
+    x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+    with torch.no_grad():
+        v_lora = predict_velocity(trained, x_t, t, emb)
+        patch(plain, cfg.sparse_config())
+        torch.testing.assert_close(predict_velocity(plain, x_t, t, emb), v_lora, rtol=1e-4, atol=1e-5)
+        # the exported fp16 model is a plain diffusers model that loads with load_tiny_wan
+        exported = load_tiny_wan(tmp_path / "student")
+        assert not any("lora" in k or "base_layer" in k for k in exported.state_dict())
+        patch(exported, cfg.sparse_config())
+        torch.testing.assert_close(predict_velocity(exported, x_t, t, emb), v_lora, rtol=2e-2, atol=2e-2)
+
+
+def test_lora_resume_matches_straight_run(tmp_path):
+    distill(_cfg(tmp_path / "straight", lr=1e-2, **LORA), model=_mini_model())
+    distill(_cfg(tmp_path / "split", steps=2, lr=1e-2, **LORA), model=_mini_model())
+    distill(_cfg(tmp_path / "split", resume="auto", lr=1e-2, **LORA), model=_mini_model())
+    a, b = _final_student(tmp_path / "straight"), _final_student(tmp_path / "split")
+    assert any(".lora_A." in k for k in a) and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "split")
+    # another rank is refused with a clear message, not a shape error
+    with pytest.raises(ValueError, match="lora_rank"):
+        distill(_cfg(tmp_path / "split", resume="auto", steps=5, **{**LORA, "lora_rank": 2}), model=_mini_model())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = _mini_model()
+    sparse = _cfg("unused").sparse_config()
+    plain, teacher = make_student_teacher(model, sparse)
+    ckpt, _ = make_student_teacher(model, sparse)
+    ckpt.enable_gradient_checkpointing()
+    batch = _fixed_batch(4)
+    losses = []
+    for student in (plain, ckpt):
+        loss, _ = distill_loss(student, teacher, *batch, diffusion_weight=0.5)
+        loss.backward()
+        losses.append(float(loss.detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    grads = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_flag_trains(tmp_path):
+    a = distill(_cfg(tmp_path / "a", steps=2), model=_mini_model())
+    b = distill(_cfg(tmp_path / "b", steps=2, gradient_checkpointing=True), model=_mini_model())
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
+    for k, v in _final_student(tmp_path / "a").items():
+        torch.testing.assert_close(_final_student(tmp_path / "b")[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_diffusion_only_objective_needs_no_teacher():
+    from vidsparse.training.pretrain import flow_matching_loss
+
+    model = _mini_model()
+    student, _teacher = make_student_teacher(model, _cfg("unused").sparse_config())
+    batch = _fixed_batch(4)
+    with torch.no_grad():
+        loss, vd = distill_loss(student, None, *batch, diffusion_weight=1.0, distill_weight=0.0)
+        x0, emb, noise, t = batch
+        expected = flow_matching_loss(student, x0, emb, noise, t)
+    assert torch.isnan(vd)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="both 0"):
+        _cfg("unused", distill_weight=0.0)
+
+
+def test_diffusion_only_run_and_time_limit(tmp_path):
+    summary = distill(_cfg(tmp_path, steps=50, distill_weight=0.0, diffusion_weight=1.0, time_limit_min=1e-4),
+                      model=_mini_model())
+    assert summary["step"] < 50 and summary["stop_reason"].startswith("time limit")
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert recs and all(r["vd_loss"] is None for r in recs)
+    assert len(list_checkpoints(tmp_path)) == 1  # the stop still checkpoints

@@ -9,9 +9,18 @@ The student is a copy of the model with vidsparse's block-sparse self-attention 
 mask is predicted anew at every call, with no gradient through it); the teacher is a frozen copy
 with dense attention. Both see the same ``(x_t, t, condition)`` and the loss is
 
-    L = mean((v_student - v_teacher)^2) + diffusion_weight * mean((v_student - (noise - x0))^2)
+    L = distill_weight * mean((v_student - v_teacher)^2) + diffusion_weight * mean((v_student - (noise - x0))^2)
 
-with ``diffusion_weight = 0`` by default, as in the paper: the data only build ``x_t``.
+with ``distill_weight = 1`` and ``diffusion_weight = 0`` by default, as in the paper: the data only
+build ``x_t``. ``distill_weight = 0, diffusion_weight = 1`` is plain diffusion-loss fine-tuning of
+the sparse model (the paper's ablation; the teacher is then never run).
+
+What is trained (``--trainable``): "all" parameters, only the "attention" modules (attn1/attn2),
+or "lora": low-rank adapters injected with ``peft`` (``--lora-rank``, ``--lora-alpha``,
+``--lora-targets``) on the attention projections (optionally the FFN too) while the base weights
+stay frozen; the exported student has the adapters merged into plain weights.
+``--gradient-checkpointing`` recomputes each transformer block in the backward pass (less memory,
+about one more forward of compute; the sparse masks are recomputed from the same Q and K).
 
 Defaults that the paper leaves open follow TurboDiffusion's public SLA recipe (AdamW, lr 1e-5,
 weight decay 0.01, betas (0.9, 0.999); logit-normal t with mean 1.5, std 1.6), see
@@ -28,7 +37,7 @@ Output directory layout (only rank 0 writes)::
       loss_curve.png
       summary.json
       checkpoints/step-0000100.pt    student, optimizer, scheduler, RNG states, step, configs
-      student/                       final student in fp16 (save_pretrained, safetensors)
+      student/                       final student in fp16 (save_pretrained, safetensors; LoRA merged)
 """
 
 from __future__ import annotations
@@ -68,10 +77,26 @@ from .pretrain import (
     resolve_device,
 )
 
-__all__ = ["DistillConfig", "distill", "distill_loss", "make_student_teacher", "select_trainable", "main"]
+__all__ = [
+    "DistillConfig",
+    "distill",
+    "train_student",
+    "distill_loss",
+    "make_student_teacher",
+    "select_trainable",
+    "add_lora",
+    "merged_state_dict",
+    "main",
+]
 
 _CKPT_VERSION = 1
-_TRAINABLE = ("all", "attention")
+_TRAINABLE = ("all", "attention", "lora")
+_LORA_TARGETS = ("attention", "attention+ffn")
+# module-name patterns (re.fullmatch) of the LoRA targets in a diffusers Wan transformer
+_LORA_PATTERNS = {
+    "attention": r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    "attention+ffn": r".*blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))",
+}
 _PRECISIONS = ("auto", "bf16", "fp32")
 # a random stream tag distinct from pretrain's (0 = train batches, 1 = validation, 2 = samples)
 _STREAM_DISTILL = 3
@@ -89,16 +114,26 @@ class DistillConfig:
         lr, warmup_steps, min_lr_ratio: peak LR, linear warm-up, cosine decay to min_lr_ratio * lr
             (1.0 = constant after warm-up).
         weight_decay, betas, grad_clip: AdamW and global gradient-norm clipping (0 = off).
-        diffusion_weight: weight of the flow-matching loss added to the distillation loss.
+        distill_weight, diffusion_weight: weights of the velocity-distillation loss and of the
+            flow-matching (diffusion) loss; at least one must be > 0. With distill_weight = 0 the
+            teacher is never run and ``vd_loss`` is not logged.
         timesteps, t_mean, t_std, t_shift: see :func:`vidsparse.models.flow.sample_timesteps`.
-        trainable: "all" parameters, or "attention" (only ``attn1`` / ``attn2`` of every block).
+        trainable: "all" parameters, "attention" (only ``attn1`` / ``attn2`` of every block) or
+            "lora" (peft LoRA adapters on ``lora_targets``; the base weights stay frozen).
+        lora_rank, lora_alpha: LoRA rank r and scaling alpha (None = r, i.e. scale 1).
+        lora_targets: "attention" (to_q, to_k, to_v, to_out.0 of attn1 and attn2) or
+            "attention+ffn" (also the two FFN projections).
+        gradient_checkpointing: recompute every transformer block in the backward pass.
         topk, topp, block_q, block_k, backend: the student's :class:`vidsparse.SparseConfig`.
         data: "train" or "shifted", the split whose clips build x_0.
         frames, size: clip geometry (the condition width is the model's ``text_dim``).
         seed, device, precision: data/noise seed; "auto"/"cpu"/"cuda[:N]" (ignored under DDP,
             where rank r uses cuda:LOCAL_RANK or the CPU); bf16 autocast on CUDA by default.
         ckpt_every, keep_checkpoints, log_every: cadences; resume: None, "auto" or a file.
+        time_limit_min: stop early (checkpoint, export) when the next step would end after this
+            many minutes of this call's wall time; the LR schedule still spans ``steps``.
         export: save the final student with ``save_pretrained`` (fp16 safetensors).
+        plot: draw loss_curve.png at the end (needs matplotlib).
         progress: tqdm bar (rank 0). command: recorded in summary.json.
     """
 
@@ -113,12 +148,17 @@ class DistillConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    distill_weight: float = 1.0
     diffusion_weight: float = 0.0
     timesteps: str = "logit-normal"
     t_mean: float = 1.5
     t_std: float = 1.6
     t_shift: float = 1.0
     trainable: str = "all"
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_targets: str = "attention"
+    gradient_checkpointing: bool = False
     topk: float = 0.03
     topp: float | None = 0.2
     block_q: int = 128
@@ -134,13 +174,15 @@ class DistillConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: str | None = None
+    time_limit_min: float | None = None
     export: bool = True
+    plot: bool = True
     progress: bool = True
     command: str | None = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
-                              ("ckpt_every", 1), ("keep_checkpoints", 1), ("log_every", 1)):
+                              ("ckpt_every", 1), ("keep_checkpoints", 1), ("log_every", 1), ("lora_rank", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
@@ -150,8 +192,18 @@ class DistillConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
-        if not (self.diffusion_weight >= 0 and math.isfinite(self.diffusion_weight)):
-            raise ValueError(f"diffusion_weight must be a finite number >= 0, got {self.diffusion_weight}")
+        for name in ("distill_weight", "diffusion_weight"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.distill_weight == 0 and self.diffusion_weight == 0:
+            raise ValueError("distill_weight and diffusion_weight are both 0: nothing to train")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 (or None for lora_rank), got {self.lora_alpha}")
+        if self.lora_targets not in _LORA_TARGETS:
+            raise ValueError(f"lora_targets must be one of {_LORA_TARGETS}, got {self.lora_targets!r}")
+        if self.time_limit_min is not None and not self.time_limit_min > 0:
+            raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
         if not self.t_std > 0 or not self.t_shift > 0:
@@ -192,23 +244,93 @@ def make_student_teacher(model: torch.nn.Module, sparse_config) -> tuple[torch.n
     return student, teacher
 
 
+def add_lora(
+    model: torch.nn.Module, rank: int, alpha: float | None = None, targets: str = "attention", *, seed: int = 0
+) -> list[str]:
+    """Inject peft LoRA adapters (adapter "default", no dropout) into ``model`` in place.
+
+    ``targets``: "attention" = ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every block's attn1
+    and attn2; "attention+ffn" adds the FFN's two projections. ``alpha`` defaults to ``rank``
+    (scale alpha / rank = 1). The adapters start at zero (B = 0), so the model's outputs are
+    unchanged; A is drawn from a generator seeded by ``seed`` (the global RNG is left untouched),
+    so runs repeat. Works on a patched model too: vidsparse's processors call the wrapped projections.
+
+    Returns the names of the LoRA parameters. Raises ImportError without ``peft`` and ValueError
+    when no module matches (not a Wan-style model).
+    """
+    if targets not in _LORA_TARGETS:
+        raise ValueError(f"lora_targets must be one of {_LORA_TARGETS}, got {targets!r}")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:  # pragma: no cover - peft is in requirements-ci.txt
+        raise ImportError("trainable='lora' needs the peft package: pip install 'vidsparse[train]'") from e
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=0.0,
+                        target_modules=_LORA_PATTERNS[targets], bias="none")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # peft draws A with the global RNG (kaiming-uniform)
+            inject_adapter_in_model(config, model, adapter_name="default")
+    except ValueError as e:
+        raise ValueError(f"lora_targets={targets!r} matches no module of {type(model).__name__}: {e}") from e
+    return [name for name, _ in model.named_parameters() if ".lora_" in name]
+
+
 def select_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
-    """Set ``requires_grad`` for "all" parameters or only "attention" (attn1/attn2) ones.
+    """Set ``requires_grad`` for "all" parameters, only "attention" (attn1/attn2) ones, or only the
+    "lora" adapters (inject them first with :func:`add_lora`).
 
     Returns the names of the trainable parameters. Raises ValueError for an unknown ``trainable``
-    or when "attention" matches nothing (not a Wan-style model).
+    or when it matches nothing (not a Wan-style model, or no LoRA injected).
     """
     if trainable not in _TRAINABLE:
         raise ValueError(f"trainable must be one of {_TRAINABLE}, got {trainable!r}")
+    has_lora = any(".lora_" in name for name, _ in model.named_parameters())
+    if has_lora and trainable != "lora":
+        raise ValueError(f"trainable={trainable!r} on a model with LoRA adapters; use 'lora'")
     names = []
     for name, p in model.named_parameters():
-        keep = trainable == "all" or ".attn1." in name or ".attn2." in name
+        if trainable == "lora":
+            keep = ".lora_" in name
+        else:
+            keep = trainable == "all" or ".attn1." in name or ".attn2." in name
         p.requires_grad_(keep)
         if keep:
             names.append(name)
     if not names:
-        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}")
+        hint = " (call add_lora first)" if trainable == "lora" else ""
+        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}{hint}")
     return names
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every peft LoRA adapter merged into its base weight.
+
+    Keys are those of the model without adapters (``x.base_layer.weight`` -> ``x.weight``, the
+    ``lora_*`` tensors dropped), so the result loads into a plain copy of the architecture. The
+    model itself is not modified. A model without adapters gives its own state dict (detached).
+    """
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if not any(".lora_" in k for k in state):
+        return state
+    from peft.tuners.lora import LoraLayer
+
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = base.weight.detach()
+            with torch.no_grad():
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            merged[f"{name}.weight"] = weight
+    out = {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            continue
+        k = k.replace(".base_layer.", ".")
+        out[k] = merged.get(k, v)
+    return out
 
 
 def distill_loss(
@@ -219,22 +341,29 @@ def distill_loss(
     noise: torch.Tensor,
     t: torch.Tensor,
     diffusion_weight: float = 0.0,
+    distill_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Velocity-distillation loss of one (micro-)batch.
 
     x0, noise: (B, C, T, H, W); cond_embeds: (B, L, D); t: (B,) in (0, 1).
-    Returns ``(loss, vd)``: the optimised float32 scalar ``vd + diffusion_weight * fm`` and the
-    pure distillation term ``vd = mean((v_student - v_teacher)^2)`` (detached).
+    Returns ``(loss, vd)``: the optimised float32 scalar ``distill_weight * vd + diffusion_weight * fm``
+    and the pure distillation term ``vd = mean((v_student - v_teacher)^2)`` (detached; NaN when
+    ``distill_weight`` is 0, in which case the teacher is not run and may be None).
     """
     x_t = noisy_sample(x0, noise, t)
-    with torch.no_grad():
-        v_teacher = predict_velocity(teacher, x_t, t, cond_embeds).float()
     v_student = predict_velocity(student, x_t, t, cond_embeds).float()
-    vd = F.mse_loss(v_student, v_teacher)
-    loss = vd
+    loss = v_student.new_zeros(())
+    if distill_weight:
+        with torch.no_grad():
+            v_teacher = predict_velocity(teacher, x_t, t, cond_embeds).float()
+        vd = F.mse_loss(v_student, v_teacher)
+        loss = loss + distill_weight * vd
+        vd = vd.detach()
+    else:
+        vd = v_student.new_full((), float("nan"))
     if diffusion_weight:
         loss = loss + diffusion_weight * F.mse_loss(v_student, velocity_target(x0, noise).float())
-    return loss, vd.detach()
+    return loss, vd
 
 
 def _load_model(path: str | None) -> torch.nn.Module:
@@ -270,6 +399,20 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
     torchrun (WORLD_SIZE > 1) this joins a process group (gloo on CPU, nccl on CUDA) unless one
     is already initialised, and destroys it at the end if it created it.
     """
+    return _run(cfg, model, keep_student=False)[0]
+
+
+def train_student(cfg: DistillConfig, model: torch.nn.Module | None = None) -> tuple[dict[str, Any], torch.nn.Module | None]:
+    """:func:`distill`, also returning the trained student as a plain model.
+
+    The returned model is an unpatched float32 copy of the architecture holding the student's
+    weights (LoRA adapters merged), in eval mode on the training device; patch it again for sparse
+    inference. It is None on ranks other than 0.
+    """
+    return _run(cfg, model, keep_student=True)
+
+
+def _run(cfg: DistillConfig, model: torch.nn.Module | None, keep_student: bool) -> tuple[dict[str, Any], torch.nn.Module | None]:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
@@ -298,6 +441,7 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
     local_bs = cfg.batch_size // world  # this rank's slice of the global batch
     micro_bs = local_bs // cfg.grad_accum
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    use_teacher = cfg.distill_weight > 0
 
     def amp():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -309,9 +453,14 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
     grid = token_grid(base.config, data.frames, data.size, data.size)  # raises naming frames / size
     student, teacher = make_student_teacher(base, cfg.sparse_config())
     del base
+    if cfg.trainable == "lora":
+        add_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
     trainable = select_trainable(student, cfg.trainable)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     student.to(device)
-    teacher.to(device)
+    if use_teacher:  # otherwise it stays on the CPU, only to give the exported student its plain architecture
+        teacher.to(device)
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=cuda)
     scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
@@ -329,7 +478,11 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("model_config") != _arch(student):
             raise ValueError(f"--resume: checkpoint {path} holds another model config: {state.get('model_config')}")
-        changed = _changed_hyperparameters(state.get("distill_config", {}), _jsonable(cfg))
+        old = state.get("distill_config", {})
+        for key in ("trainable", "lora_rank", "lora_targets"):
+            if key in old and old[key] != getattr(cfg, key) and (key == "trainable" or cfg.trainable == "lora"):
+                raise ValueError(f"--resume: checkpoint {path} was trained with {key}={old[key]!r}, not {getattr(cfg, key)!r}")
+        changed = _changed_hyperparameters(old, _jsonable(cfg))
         if changed and main_rank:
             print(f"note: resuming with changed settings: {changed}", file=sys.stderr)
         student.load_state_dict(state["student"])
@@ -376,22 +529,42 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
                 f.write(json.dumps(record) + "\n")
 
     tokens = math.prod(grid)
+    n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     if main_rank:
+        what = cfg.trainable + (f", rank {cfg.lora_rank} on {cfg.lora_targets}" if cfg.trainable == "lora" else "")
+        loss_desc = " + ".join(
+            [f"{cfg.distill_weight:g} * distillation"] * use_teacher + [f"{cfg.diffusion_weight:g} * diffusion"] * (cfg.diffusion_weight > 0)
+        )
         print(
-            f"distill: {count_parameters(student) / 1e6:.2f} M params ({len(trainable)} trainable tensors, {cfg.trainable}), "
-            f"{tokens} tokens, {cfg.sparse_config()!r}\n"
-            f"device {device} x{world}, {'bf16 autocast' if use_bf16 else 'fp32'}, global batch {cfg.batch_size} "
-            f"(per rank {local_bs}, accum {cfg.grad_accum}), data split {cfg.data!r}, steps {step}->{cfg.steps}",
+            f"distill: {count_parameters(teacher) / 1e6:.2f} M params ({n_trainable / 1e6:.3f} M trainable in "
+            f"{len(trainable)} tensors: {what}), {tokens} tokens, {cfg.sparse_config()!r}\n"
+            f"device {device} x{world}, {'bf16 autocast' if use_bf16 else 'fp32'}"
+            f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}, global batch {cfg.batch_size} "
+            f"(per rank {local_bs}, accum {cfg.grad_accum}), loss {loss_desc}, data split {cfg.data!r}, steps {step}->{cfg.steps}",
             file=sys.stderr,
         )
 
+    limit_s = cfg.time_limit_min * 60 if cfg.time_limit_min is not None else None
+    stop_reason = "completed"
     last_ckpt_step = step if cfg.resume is not None else -1
     sums = torch.zeros(3, device=device)  # loss, vd, grad-norm sums over the log interval
     n_acc, t_log = 0, time.monotonic()
+    t_loop, steps_this_call, step_time = time.monotonic(), 0, None
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (cfg.progress and main_rank), dynamic_ncols=True)
     interrupted = False
     try:
         while step < cfg.steps:
+            if limit_s is not None and steps_this_call >= 1:
+                # the time limit ends the run on every rank at the same step
+                late = time.monotonic() - t_start + 1.5 * step_time > limit_s
+                if distributed:
+                    flag = torch.tensor(float(late), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    late = bool(flag.item())
+                if late:
+                    stop_reason = f"time limit ({cfg.time_limit_min:g} min)"
+                    break
+            t_step = time.monotonic()
             # global batch drawn identically on every rank, then sliced: ranks and resumes agree
             g = _generator(device, cfg.seed, _STREAM_DISTILL, step)
             x_shape = (cfg.batch_size, 3, data.frames, data.size, data.size)
@@ -412,7 +585,8 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
                 sync = fwd.no_sync() if distributed and m < cfg.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
                     with amp():
-                        loss, vd = distill_loss(fwd, teacher, x0[sl], emb[sl], noise[sl], t[sl], cfg.diffusion_weight)
+                        loss, vd = distill_loss(fwd, teacher, x0[sl], emb[sl], noise[sl], t[sl],
+                                                cfg.diffusion_weight, cfg.distill_weight)
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.detach() / cfg.grad_accum
                 step_vd += vd / cfg.grad_accum
@@ -422,6 +596,7 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
             optimizer.step()
             scheduler.step()
             step += 1
+            steps_this_call += 1
             sums += torch.stack([step_loss, step_vd, grad_norm.detach().float()])
             n_acc += 1
             bar.update(1)
@@ -435,13 +610,15 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
                     raise FloatingPointError(f"loss became {mean[0]} at step {step}; resume from the last checkpoint")
                 now = time.monotonic()
                 step_time = (now - t_log) / n_acc
-                rec = {"kind": "train", "step": step, "loss": mean[0], "vd_loss": mean[1], "grad_norm": mean[2],
-                       "lr": scheduler.get_last_lr()[0], "clips_per_s": cfg.batch_size / step_time,
+                rec = {"kind": "train", "step": step, "loss": mean[0], "vd_loss": mean[1] if use_teacher else None,
+                       "grad_norm": mean[2], "lr": scheduler.get_last_lr()[0], "clips_per_s": cfg.batch_size / step_time,
                        "elapsed_s": prev_elapsed + now - t_start}
                 log(rec)
                 bar.set_postfix(loss=f"{mean[0]:.3e}", lr=f"{rec['lr']:.1e}")
                 sums.zero_()
                 n_acc, t_log = 0, time.monotonic()
+            elif step_time is None:
+                step_time = time.monotonic() - t_step  # a first estimate for the time limit
             if step % cfg.ckpt_every == 0:
                 checkpoint(step)
                 last_ckpt_step = step
@@ -449,6 +626,9 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
         interrupted = True
     finally:
         bar.close()
+    if cuda:
+        torch.cuda.synchronize(device)
+    loop_s = time.monotonic() - t_loop
     if last_ckpt_step != step:
         path = checkpoint(step)
         if path is not None:
@@ -459,6 +639,7 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
         raise KeyboardInterrupt(f"interrupted at step {step}; resume with --resume")
 
     summary: dict[str, Any] = {}
+    plain = None
     if main_rank:
         from .plots import read_jsonl
 
@@ -466,44 +647,62 @@ def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[st
         tail = records[-max(1, len(records) // 10):] if records else []
         summary = {
             "step": step,
+            "steps": cfg.steps,
+            "stop_reason": stop_reason,
             "world_size": world,
             "batch_size": cfg.batch_size,
             "first_loss": records[0]["loss"] if records else None,
             "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
             "wall_time_s": prev_elapsed + time.monotonic() - t_start,
+            "train_loop_s": loop_s,
+            "steps_per_s": steps_this_call / loop_s if steps_this_call and loop_s > 0 else None,
             "tokens": tokens,
-            "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "trainable_parameters": n_trainable,
             "sparse_config": repr(cfg.sparse_config()),
             "config": _jsonable(cfg),
         }
+        if cfg.export or keep_student:
+            plain = _plain_student(student, teacher)
         if cfg.export:
-            summary["student_dir"] = str(_export_student(student, teacher, out / "student"))
+            summary["student_dir"] = str(save_student(plain, out / "student"))
         try:
+            if not cfg.plot:
+                raise ImportError  # skip the plot like a missing matplotlib
             from .plots import save_loss_curve
 
+            objective = "velocity-distillation" if use_teacher else "diffusion"
             save_loss_curve(log_path, out / "loss_curve.png",
-                            title=f"velocity distillation (k={cfg.topk}, p={cfg.topp}, {step} steps, batch {cfg.batch_size})",
-                            ylabel="velocity-distillation MSE")
+                            title=f"{objective} fine-tuning (k={cfg.topk}, p={cfg.topp}, {step} steps, batch {cfg.batch_size})",
+                            ylabel="training loss")
         except ImportError:  # matplotlib is optional
             pass
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if own_group:
         dist.barrier()  # rank 0 finished writing before anyone exits
         dist.destroy_process_group()
-    return summary
+    return summary, (plain.to(device).eval() if keep_student and plain is not None else None)
 
 
-def _export_student(student: torch.nn.Module, teacher: torch.nn.Module, path: Path) -> Path:
-    """Save the student's weights (fp16 safetensors) in an unpatched copy of the architecture.
+def _plain_student(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
+    """An unpatched float32 CPU copy of the architecture holding the student's weights (LoRA merged).
 
-    The teacher is the same architecture without vidsparse's processors, so the saved model loads
-    as a plain diffusers model; patch it again for sparse inference.
+    The teacher is the same architecture without vidsparse's processors (and without adapters),
+    so the copy is a plain diffusers model.
     """
     plain = copy.deepcopy(teacher).cpu()
-    plain.load_state_dict({k: v.detach().cpu() for k, v in student.state_dict().items()})
+    plain.load_state_dict({k: v.detach().cpu() for k, v in merged_state_dict(student).items()})
+    return plain
+
+
+def save_student(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Save a plain model as fp16 safetensors with ``save_pretrained`` (loads with ``load_tiny_wan``).
+
+    ``model`` is not modified (an fp16 CPU copy is saved).
+    """
+    half = copy.deepcopy(model).cpu()
     # plain nn.Module.to: diffusers' override warns about fp16 inference, irrelevant for storage
-    torch.nn.Module.to(plain, dtype=torch.float16).save_pretrained(path, safe_serialization=True)
-    return path
+    torch.nn.Module.to(half, dtype=torch.float16).save_pretrained(Path(path), safe_serialization=True)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,13 +735,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decay floor; 1 = constant after warm-up")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="weight of the velocity-distillation loss (0 = diffusion-loss fine-tuning, no teacher)")
     p.add_argument("--diffusion-weight", type=float, default=d.diffusion_weight,
                    help="weight of the flow-matching loss added to the distillation loss (paper: 0)")
     p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
     p.add_argument("--t-mean", type=float, default=d.t_mean, help="logit-normal mean")
     p.add_argument("--t-std", type=float, default=d.t_std, help="logit-normal std")
     p.add_argument("--t-shift", type=float, default=d.t_shift)
-    p.add_argument("--trainable", choices=_TRAINABLE, default=d.trainable)
+    p.add_argument("--trainable", choices=_TRAINABLE, default=d.trainable,
+                   help="all parameters, the attention modules only, or LoRA adapters (needs peft)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank r (--trainable lora)")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: the rank, scale 1)")
+    p.add_argument("--lora-targets", choices=_LORA_TARGETS, default=d.lora_targets,
+                   help="attention: to_q/to_k/to_v/to_out.0 of attn1 and attn2; attention+ffn: also the FFN")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass (less memory)")
     p.add_argument("--topk", type=float, default=d.topk)
     p.add_argument("--topp", type=_optional_float, default=d.topp, help="a float, or 'none' for Top-k only")
     p.add_argument("--block-q", type=int, default=d.block_q)
@@ -557,6 +764,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from the latest checkpoint in --out, or the given file")
+    p.add_argument("--time-limit-min", type=float, default=None, help="stop early (checkpoint, export) before this wall time")
     p.add_argument("--no-export", action="store_true", help="skip saving the final student")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -570,15 +778,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = DistillConfig(
             out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip, diffusion_weight=args.diffusion_weight, timesteps=args.timesteps,
-            t_mean=args.t_mean, t_std=args.t_std, t_shift=args.t_shift, trainable=args.trainable, topk=args.topk,
+            grad_clip=args.grad_clip, distill_weight=args.distill_weight, diffusion_weight=args.diffusion_weight,
+            timesteps=args.timesteps, t_mean=args.t_mean, t_std=args.t_std, t_shift=args.t_shift,
+            trainable=args.trainable, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+            gradient_checkpointing=args.gradient_checkpointing, topk=args.topk,
             topp=args.topp, block_q=args.block_q, block_k=args.block_k, backend=args.backend, data=args.data,
             frames=args.frames, size=args.size, seed=args.seed, device=args.device, precision=args.precision,
-            ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume, export=not args.no_export,
+            ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
+            time_limit_min=args.time_limit_min, export=not args.no_export,
             progress=not args.no_progress, command=cmd,
         )
         summary = distill(cfg)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -1,0 +1,774 @@
+"""SpargeAttention2's ablation (paper Table 6) at small scale, time-budgeted for one GPU call.
+
+Run it as a module (or through ``benchmarks/ablation_gpu.sh``)::
+
+    python -m vidsparse.training.ablation --out out --time-limit-min 9
+    python -m vidsparse.training.ablation --out out/smoke --smoke       # CPU: end to end in well under a minute
+
+Ten variants of the embedded tiny Wan model, all at about 95% block sparsity with 128 x 64 blocks:
+
+====  ===================================================  ==========  ======================
+ #    method                                               mask        fine-tuning data
+====  ===================================================  ==========  ======================
+ 1    dense attention (the reference)                      -           -
+ 2-4  training-free sparse attention                       k / p / k+p -
+ 5    diffusion-loss fine-tuning (no distillation term)    k+p         "shifted" split
+ 6-8  velocity distillation                                k / p / k+p "shifted" split
+ 9    diffusion-loss fine-tuning                           k+p         "train" split
+ 10   velocity distillation                                k+p         "train" split
+====  ===================================================  ==========  ======================
+
+The "shifted" split uses colours, motions and backgrounds the model never saw (the paper's
+mismatched fine-tuning data); "train" is the pretraining distribution (matched data).
+
+Sparsity matching: Top-k alone at k = 0.05 keeps floor(0.05 * 64) = 3 of the 64 key blocks of a
+4096-token clip, 1 - 3/64 = 95.3% block sparsity whatever the input. Top-p alone and the hybrid
+depend on the attention maps, so their p is calibrated first. The hybrid's k is 0.03125 = 2 of 64
+blocks, the paper's 3% on our grid: k = 0.03 would floor to 1 block, and Top-p always keeps at
+least the top block, so that hybrid would be Top-p alone. The calibration is a bisection on p
+until the block sparsity measured by ``vidsparse.evaluate.validation_loss`` (which records it with
+``SparseConfig(collect_stats=True)``) over a batch of validation clips at several timesteps is
+closest to the Top-k figure. The chosen p and the measured sparsities are
+recorded; every variant's sparsity is measured again at evaluation (it drifts a little after
+fine-tuning, since the student's Q and K change while k and p stay fixed).
+
+Time budget (``--time-limit-min``, counted from the start of :func:`run_ablation`): after the
+calibration and the four untrained evaluations, a short velocity-distillation run (the most
+expensive objective: teacher forward + student forward/backward) measures the step time, and the
+remaining time, minus the measured evaluation cost and a reserve, is split evenly over the trained
+variants. All trained variants then run the SAME number of steps with the SAME seed (data order,
+noise, timesteps); diffusion-loss variants do not run the teacher and finish sooner. Each variant
+also gets a hard time limit (1.5 x its share) and the run skips variants it cannot finish, so
+the outputs are always written; ``ablation.json`` is rewritten after every variant.
+
+Training defaults for the 5.9 M-parameter model (reasoning in ``docs/distillation.md``): batch 32
+(as in pretraining), AdamW lr 1e-4 (10x below the pretraining peak of 1e-3, 2x its final lr; the
+paper/TurboDiffusion's 1e-5 is for 1.3B-parameter models and would barely move a 6 M model in a
+few hundred steps), 20 warm-up steps, cosine decay to 0.1 x, weight decay 0.01, grad clip 1, bf16
+autocast; timesteps from the pretraining distribution (logit-normal(0, 1) warped with shift 3,
+the shift the sampler uses), all parameters trained.
+
+Outputs (only these, so the directory can be copied back from a GPU machine whole)::
+
+    out/ablation.json                 every variant: method, data, k, p, measured sparsity, steps,
+                                      train seconds, val loss, delta % vs dense, shifted-split
+                                      val loss, PSNR, SSIM; plus the calibration and the settings
+    out/ablation.md                   the markdown table for docs/results.md (card, versions, date, command)
+    out/distilled_hybrid/             variant 8 (velocity distillation, hybrid mask, shifted data):
+                                      fp16 safetensors (save_pretrained), sampling.json, MODEL_CARD.md,
+                                      sparse_config.json (the k, p and blocks it was distilled for)
+
+Checkpoints and per-variant logs go to ``--work-dir`` (default ``runs/ablation``), not to ``out``.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T_IMPORT = time.monotonic()  # the budget counts the imports too (torch, diffusers: seconds on a cold machine)
+
+import argparse
+import datetime
+import inspect
+import json
+import math
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "main"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation table."""
+
+    id: int
+    name: str
+    mask: str  # "dense", "topk", "topp", "hybrid"
+    objective: str | None  # None (training-free), "diffusion" or "distill"
+    data: str | None  # fine-tuning split
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant(1, "dense", "dense", None, None),
+    Variant(2, "training-free Top-k", "topk", None, None),
+    Variant(3, "training-free Top-p", "topp", None, None),
+    Variant(4, "training-free hybrid", "hybrid", None, None),
+    Variant(5, "diffusion-loss FT, hybrid", "hybrid", "diffusion", "shifted"),
+    Variant(6, "velocity distillation, Top-k", "topk", "distill", "shifted"),
+    Variant(7, "velocity distillation, Top-p", "topp", "distill", "shifted"),
+    Variant(8, "velocity distillation, hybrid", "hybrid", "distill", "shifted"),
+    Variant(9, "diffusion-loss FT, hybrid", "hybrid", "diffusion", "train"),
+    Variant(10, "velocity distillation, hybrid", "hybrid", "distill", "train"),
+)
+#: training order: the shipped model (8) and the paper's main comparison first, so that a run
+#: short of time loses the least important rows
+_TRAIN_ORDER = (8, 5, 6, 7, 10, 9)
+#: the variant whose student is exported to ``out/distilled_hybrid``
+EXPORT_VARIANT = 8
+
+_SMOKE = dict(num_layers=1, frames=4, size=32, block_q=16, block_k=16, batch_size=2, steps=2, warmup_steps=1, eval_clips=2,
+              eval_num_t=2, samples=1, sample_steps=2, calib_clips=2, calib_num_t=2,
+              calib_iters=4, topk_only=0.2, hybrid_topk=0.125, train_calib_steps=0)
+
+
+@dataclass
+class AblationConfig:
+    """Settings of one ablation run (see the module docstring).
+
+    Attributes:
+        out: output directory (ablation.json, ablation.md, distilled_hybrid/).
+        work_dir: checkpoints and logs of the training runs.
+        model: diffusers Wan directory; None = the embedded tiny model.
+        num_layers: keep only the first N transformer blocks of the loaded model (smoke runs).
+        time_limit_min: wall-clock budget of the whole run; ignored when ``steps`` is given.
+        steps: fixed optimizer steps per trained variant (None = planned from the budget).
+        batch_size, lr, warmup_steps, min_lr_ratio, weight_decay, grad_clip: fine-tuning recipe.
+        timesteps, t_mean, t_std, t_shift: training-time distribution.
+        topk_only: k of the Top-k-only variants; its block sparsity is the target of the others.
+        hybrid_topk: k of the hybrid variants (their p is calibrated).
+        topp_only, hybrid_topp: fixed p values instead of calibrating them.
+        target_sparsity: the calibration target; None = Top-k-only's 1 - floor(k * N) / N.
+        block_q, block_k: mask blocks. backend: attention backend ("auto").
+        frames, size: clip geometry.
+        calib_clips, calib_num_t, calib_iters: the p bisection (val clips x times, iterations).
+        train_calib_steps: steps of the throughput measurement (0 = none; needs ``steps``).
+        eval_clips, eval_num_t, eval_batch_size, samples, sample_steps: evaluation
+            (``vidsparse.evaluate.evaluate_variant``); ``shifted_eval`` adds the shifted split's
+            val loss.
+        variants: ids to run (default all ten).
+        seed, device, progress, smoke, command.
+    """
+
+    out: str
+    work_dir: str = "runs/ablation"
+    model: str | None = None
+    num_layers: int | None = None
+    time_limit_min: float = 9.0
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    timesteps: str = "logit-normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 3.0
+    topk_only: float = 0.05
+    hybrid_topk: float = 0.03125
+    topp_only: float | None = None
+    hybrid_topp: float | None = None
+    target_sparsity: float | None = None
+    block_q: int = 128
+    block_k: int = 64
+    backend: str = "auto"
+    frames: int = 16
+    size: int = 64
+    calib_clips: int = 16
+    calib_num_t: int = 4
+    calib_iters: int = 14
+    train_calib_steps: int = 12
+    eval_clips: int = 64
+    eval_num_t: int = 8
+    eval_batch_size: int = 32
+    samples: int = 4
+    sample_steps: int = 20
+    shifted_eval: bool = True
+    variants: tuple[int, ...] = tuple(v.id for v in VARIANTS)
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = False
+    smoke: bool = False
+    command: str | None = None
+    reserve_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        known = {v.id for v in VARIANTS}
+        self.variants = tuple(sorted(set(self.variants)))
+        bad = [v for v in self.variants if v not in known]
+        if bad or not self.variants:
+            raise ValueError(f"variants must be a non-empty subset of 1..10, got {list(self.variants)}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an int >= 1 or None, got {self.steps!r}")
+        if not self.time_limit_min > 0:
+            raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
+        if self.steps is None and self.train_calib_steps < 4:
+            raise ValueError("planning the steps from the time limit needs train_calib_steps >= 4 (or give steps)")
+        for name in ("topk_only", "hybrid_topk"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("topp_only", "hybrid_topp", "target_sparsity"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < 1:
+                raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
+
+    def sparse(self, mask: str, topp: dict[str, float]):
+        """The :class:`vidsparse.SparseConfig` of a mask kind ("dense" -> None)."""
+        from ..integrations.config import SparseConfig
+
+        common = dict(block_q=self.block_q, block_k=self.block_k, backend=self.backend)
+        if mask == "dense":
+            return None
+        if mask == "topk":
+            return SparseConfig(topk=self.topk_only, topp=None, **common)
+        if mask == "topp":
+            return SparseConfig(topk=None, topp=topp["topp"], **common)
+        return SparseConfig(topk=self.hybrid_topk, topp=topp["hybrid"], **common)
+
+
+def smoke_config(out: str, **changes: Any) -> AblationConfig:
+    """A tiny CPU configuration: the model's first block only, 4 frames of 32x32 (256 tokens) with
+    16x16 blocks, 2 training steps, minimal evaluation. Checks the plumbing, not the paper."""
+    base = dict(_SMOKE)
+    base.update(changes)
+    base.setdefault("work_dir", "runs/ablation_smoke")
+    return AblationConfig(out=out, smoke=True, **base)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _log(msg: str) -> None:
+    print(f"[ablation {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _call(fn, **kwargs):
+    """Call ``fn`` with the keyword arguments its signature accepts (evaluate.py is young)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+from ..evaluate import _device_name, _jsonable, _versions  # noqa: E402 (shared with vidsparse eval)
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration of p
+
+
+def measured_sparsity(model, sparse, cfg: AblationConfig, data, device) -> float:
+    """Mean block sparsity of ``sparse`` on ``calib_clips`` val clips x ``calib_num_t`` times."""
+    from ..evaluate import validation_loss
+
+    r = _call(validation_loss, model=model, sparse=sparse, split="val", clips=cfg.calib_clips,
+              batch_size=cfg.eval_batch_size, seed=cfg.seed, num_t=cfg.calib_num_t, device=device, data=data)
+    return float(r["sparsity"])
+
+
+def calibrate_topp(model, make_sparse, target: float, *, iters: int, measure) -> dict[str, Any]:
+    """Bisect p in (0, 1) so that ``measure(make_sparse(p))`` is closest to ``target``.
+
+    Block sparsity falls monotonically as p grows (Top-p keeps a longer prefix of the same sorted
+    row). Returns ``{"p", "sparsity", "trace": [(p, sparsity), ...]}`` for the closest p tried.
+    """
+    lo, hi = 0.0, 1.0
+    trace = []
+    for _ in range(iters):
+        p = (lo + hi) / 2
+        s = measure(make_sparse(p))
+        trace.append((p, s))
+        if s > target:  # too sparse: keep more mass
+            lo = p
+        else:
+            hi = p
+    p, s = min(trace, key=lambda ps: (abs(ps[1] - target), ps[0]))
+    return {"p": p, "sparsity": s, "trace": trace}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def _load_model(cfg: AblationConfig, device: torch.device):
+    from ..models.tiny_wan import default_weights_dir, load_tiny_wan
+
+    where = Path(cfg.model) if cfg.model is not None else default_weights_dir()
+    model = load_tiny_wan(where, device=device, dtype=torch.float32)
+    if cfg.num_layers is not None and cfg.num_layers < len(model.blocks):
+        model.blocks = model.blocks[: cfg.num_layers]
+        model.register_to_config(num_layers=cfg.num_layers)  # an export then loads as this depth
+    return model, where
+
+
+def _evaluate(model, sparse, cfg: AblationConfig, reference, data, device, cache) -> dict[str, Any]:
+    from ..evaluate import evaluate_variant, validation_loss
+
+    t0 = time.monotonic()
+    r = _call(evaluate_variant, model=model, sparse=sparse, reference=reference, split="val", clips=cfg.eval_clips,
+              batch_size=cfg.eval_batch_size, samples=cfg.samples, sample_steps=cfg.sample_steps, seed=cfg.seed,
+              device=device, progress=cfg.progress, num_t=cfg.eval_num_t, data=data, cache=cache)
+    out = {k: r.get(k) for k in ("val_loss", "per_t", "sparsity", "sample_sparsity", "psnr", "ssim", "seconds")}
+    if cfg.shifted_eval:
+        s = _call(validation_loss, model=model, sparse=sparse, split="shifted", clips=cfg.eval_clips,
+                  batch_size=cfg.eval_batch_size, seed=cfg.seed, num_t=cfg.eval_num_t, device=device, data=data)
+        out["shifted_val_loss"] = s["val_loss"]
+    _sync(device)
+    out["eval_seconds"] = time.monotonic() - t0
+    return out
+
+
+def _distill_config(cfg: AblationConfig, variant: Variant, sparse, out_dir: Path, steps: int, limit_min: float | None,
+                    device: str):
+    from .distill import DistillConfig
+
+    return DistillConfig(
+        out=str(out_dir), steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, steps),
+        min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        distill_weight=1.0 if variant.objective == "distill" else 0.0,
+        diffusion_weight=1.0 if variant.objective == "diffusion" else 0.0,
+        timesteps=cfg.timesteps, t_mean=cfg.t_mean, t_std=cfg.t_std, t_shift=cfg.t_shift, trainable="all",
+        topk=sparse.topk, topp=sparse.topp, block_q=cfg.block_q, block_k=cfg.block_k, backend=cfg.backend,
+        data=variant.data or "train", frames=cfg.frames, size=cfg.size, seed=cfg.seed, device=device,
+        ckpt_every=steps, keep_checkpoints=1, log_every=max(1, min(25, steps // 10 or 1)),
+        time_limit_min=limit_min, export=False, plot=not cfg.smoke, progress=cfg.progress,
+    )
+
+
+def _measure_step_time(cfg: AblationConfig, model, sparse, work: Path, device: torch.device, objective: str) -> dict[str, Any]:
+    """Seconds per training step of ``objective`` (hybrid mask, shifted data), from a short throw-away run."""
+    from .distill import distill
+    from .plots import read_jsonl
+
+    run_dir = work / f"throughput_{objective}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    variant = next(v for v in VARIANTS if v.objective == objective and v.mask == "hybrid")
+    dcfg = _distill_config(cfg, variant, sparse, run_dir, cfg.train_calib_steps, None, str(device))
+    dcfg.log_every = 1
+    t0 = time.monotonic()
+    distill(dcfg, model=model)
+    wall = time.monotonic() - t0
+    recs = [r for r in read_jsonl(run_dir / "log.jsonl") if r["kind"] == "train"]
+    # skip the first steps (Triton JIT / autotuning of the backward kernels, cuDNN warm-up)
+    times = sorted(cfg.batch_size / r["clips_per_s"] for r in recs[len(recs) // 2:])
+    step_s = times[len(times) // 2]
+    return {"steps": len(recs), "step_s": step_s, "wall_s": wall,
+            "overhead_s": max(0.0, wall - sum(cfg.batch_size / r["clips_per_s"] for r in recs))}
+
+
+def plan_steps(budget_s: float, objectives: Sequence[str], step_s: dict[str, float], overhead_s: dict[str, float],
+               eval_s: float, *, margin: float = 0.92) -> int:
+    """The common number of steps that lets every trained variant finish within ``budget_s``.
+
+    Each variant costs ``steps * step_s[objective]`` plus fixed costs: its evaluation (``eval_s``,
+    with 25% slack), the model copies / optimizer / checkpoint of a run (``overhead_s[objective]``,
+    measured) and 2 s of logging. ``margin`` keeps a share of the training time in reserve.
+    Returns at least 1.
+    """
+    fixed = sum(1.25 * eval_s + overhead_s.get(obj, 0.0) + 2.0 for obj in objectives)
+    per_step = sum(step_s[obj] for obj in objectives)
+    return max(1, int(margin * (budget_s - fixed) / per_step))
+
+
+def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, started: float | None = None) -> dict[str, Any]:
+    """Run the ablation; returns the payload written to ``out/ablation.json``.
+
+    ``model`` (float32) replaces loading ``cfg.model`` (tests). ``started``: the
+    ``time.monotonic()`` the time limit counts from (default: now; the CLI passes its import time).
+    """
+    from ..data import ShapesConfig
+    from .distill import train_student
+    from .pretrain import resolve_device
+
+    t_start = time.monotonic() if started is None else started
+    deadline = t_start + cfg.time_limit_min * 60
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.out)
+    work = Path(cfg.work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    if model is None:
+        model, model_dir = _load_model(cfg, device)
+    else:
+        model_dir = None
+        model = model.to(device).eval()
+    model.requires_grad_(False)
+    data = ShapesConfig(frames=cfg.frames, size=cfg.size, text_dim=int(model.config.text_dim))
+    from ..models.tiny_wan import token_grid
+
+    tokens = math.prod(token_grid(model.config, data.frames, data.size, data.size))
+    n_kv = -(-tokens // cfg.block_k)
+    kept_topk = max(1, math.floor(cfg.topk_only * n_kv * (1 + 1e-6)))  # the masker's rounding
+    target = cfg.target_sparsity if cfg.target_sparsity is not None else 1 - kept_topk / n_kv
+    selected = [v for v in VARIANTS if v.id in cfg.variants]
+    trained = sorted((v for v in selected if v.objective), key=lambda v: _TRAIN_ORDER.index(v.id))
+    _log(f"{tokens} tokens, {n_kv} key blocks of {cfg.block_k}; Top-k only k={cfg.topk_only} keeps {kept_topk} "
+         f"-> target block sparsity {target:.4f}; device {_device_name(device)}; budget {cfg.time_limit_min:g} min")
+
+    payload: dict[str, Any] = {
+        "title": "SpargeAttention2 ablation (Table 6) on the tiny Wan model",
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "command": cfg.command,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        "versions": _versions(),
+        "model": str(model_dir) if model_dir is not None else "(in-memory model)",
+        "tokens": tokens,
+        "settings": _jsonable({k: v for k, v in vars(cfg).items() if k not in ("command",)}),
+        "target_sparsity": target,
+        "calibration": {},
+        "plan": {},
+        "variants": [],
+        "status": "running",
+    }
+
+    def write() -> None:  # after every step, so a run that dies still leaves its results
+        payload["elapsed_s"] = time.monotonic() - t_start
+        (out / "ablation.json").write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+        (out / "ablation.md").write_text(render_markdown(payload))
+
+    rows: dict[int, dict[str, Any]] = {}
+    for v in selected:
+        rows[v.id] = {"id": v.id, "variant": v.name, "method": v.mask, "objective": v.objective or "none",
+                      "data": v.data or "-", "topk": None, "topp": None, "status": "pending"}
+    payload["variants"] = [rows[v.id] for v in selected]
+
+    # ---- 1. calibrate p of Top-p only and of the hybrid on validation clips
+    t0 = time.monotonic()
+    topp: dict[str, float] = {}
+    measure = lambda sparse: measured_sparsity(model, sparse, cfg, data, device)  # noqa: E731
+    needs = {v.mask for v in selected}
+    from ..integrations.config import SparseConfig
+
+    common = dict(block_q=cfg.block_q, block_k=cfg.block_k, backend=cfg.backend)
+    for key, fixed, make in (
+        ("topp", cfg.topp_only, lambda p: SparseConfig(topk=None, topp=p, **common)),
+        ("hybrid", cfg.hybrid_topp, lambda p: SparseConfig(topk=cfg.hybrid_topk, topp=p, **common)),
+    ):
+        if key not in needs:
+            topp[key] = fixed if fixed is not None else 0.5
+            continue
+        if fixed is not None:
+            topp[key] = fixed
+            payload["calibration"][key] = {"p": fixed, "sparsity": measure(make(fixed)), "calibrated": False}
+        else:
+            res = calibrate_topp(model, make, target, iters=cfg.calib_iters, measure=measure)
+            topp[key] = res["p"]
+            payload["calibration"][key] = {"p": res["p"], "sparsity": res["sparsity"], "calibrated": True,
+                                           "trace": res["trace"]}
+        c = payload["calibration"][key]
+        _log(f"calibrated {key}: p={c['p']:.5f} -> block sparsity {c['sparsity']:.4f} (target {target:.4f})")
+    if "topk" in needs:
+        payload["calibration"]["topk"] = {"k": cfg.topk_only, "sparsity": measure(cfg.sparse("topk", topp)),
+                                          "kept_blocks": kept_topk}
+    payload["calibration"]["seconds"] = time.monotonic() - t0
+    payload["calibration"]["clips"], payload["calibration"]["num_t"] = cfg.calib_clips, cfg.calib_num_t
+    for v in selected:
+        sp = cfg.sparse(v.mask, topp)
+        if sp is not None:
+            rows[v.id]["topk"], rows[v.id]["topp"] = sp.topk, sp.topp
+    write()
+
+    # ---- 2. untrained variants (dense first: the reference of every Δ)
+    cache: dict = {}
+    dense_loss = None
+    eval_costs = []
+
+    def finish_row(row: dict[str, Any], result: dict[str, Any]) -> None:
+        row.update(result)
+        if dense_loss is not None and row.get("val_loss") is not None:
+            row["delta_vs_dense_pct"] = 100.0 * (row["val_loss"] - dense_loss) / dense_loss
+        row["status"] = "done"
+
+    reference = model
+    if 1 not in cfg.variants:  # the Δ column still needs the dense number
+        dense_loss = _evaluate(model, None, cfg, reference, data, device, cache)["val_loss"]
+    for v in (v for v in selected if not v.objective):
+        r = _evaluate(model, cfg.sparse(v.mask, topp), cfg, reference, data, device, cache)
+        if v.id == 1:
+            dense_loss = r["val_loss"]
+        else:
+            eval_costs.append(r["eval_seconds"])
+        finish_row(rows[v.id], r | {"steps": 0, "train_seconds": 0.0})
+        _log(f"variant {v.id} ({v.name}): val loss {r['val_loss']:.5f}, sparsity {r['sparsity']}, "
+             f"PSNR {r['psnr']}, {r['eval_seconds']:.1f} s")
+        write()
+    payload["dense_val_loss"] = dense_loss
+
+    # ---- 3. plan the steps of the trained variants
+    if trained:
+        hybrid = cfg.sparse("hybrid", topp)
+        # the first sparse evaluation pays for kernel compilation / autotuning: leave it out
+        warm = eval_costs[1:] or eval_costs
+        eval_s = max(warm) if warm else 0.0
+        step_s: dict[str, float] = {}
+        if cfg.steps is not None:
+            steps = cfg.steps
+            plan = {"steps": steps, "source": "fixed (--steps)", "eval_s": eval_s}
+        else:
+            # time one short run per objective: velocity distillation also runs the teacher. It goes
+            # first: its first steps absorb the one-time costs (Triton autotuning of the backward)
+            meas = {obj: _measure_step_time(cfg, model, hybrid, work, device, obj)
+                    for obj in sorted({v.objective for v in trained}, key=lambda o: o != "distill")}
+            step_s = {obj: m["step_s"] for obj, m in meas.items()}
+            left = deadline - time.monotonic() - cfg.reserve_s
+            steps = plan_steps(left, [v.objective for v in trained], step_s,
+                               {obj: m["overhead_s"] for obj, m in meas.items()}, eval_s)
+            plan = {"steps": steps, "source": f"time budget ({cfg.time_limit_min:g} min)", "step_s": step_s,
+                    "throughput_runs": meas, "train_budget_s": left, "eval_s": eval_s}
+            rates = ", ".join(f"{obj} {1e3 * s:.0f} ms" for obj, s in step_s.items())
+            _log(f"throughput per step (batch {cfg.batch_size}): {rates}; {left:.0f} s left for "
+                 f"{len(trained)} trained variants -> {steps} steps each")
+        payload["plan"] = plan
+        write()
+
+        # ---- 4. train and evaluate
+        for i, v in enumerate(trained):
+            row = rows[v.id]
+            limit_min = None
+            if cfg.steps is None:
+                # what is left for this variant's training once its evaluation is paid for
+                left = deadline - time.monotonic() - cfg.reserve_s - 1.25 * plan["eval_s"]
+                expected = step_s[v.objective] * steps
+                if left < 0.5 * expected:
+                    row["status"] = "skipped (time)"
+                    _log(f"variant {v.id}: skipped, {left:.0f} s left for {expected:.0f} s of training")
+                    write()
+                    continue
+                # a hard stop: a slow variant cannot eat the others' time or the final writes
+                limit_min = min(1.5 * expected + 10.0, left) / 60
+            sparse = cfg.sparse(v.mask, topp)
+            run_dir = work / f"v{v.id:02d}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            dcfg = _distill_config(cfg, v, sparse, run_dir, steps, limit_min, str(device))
+            student = None
+            try:
+                summary, student = train_student(dcfg, model=model)
+                _sync(device)
+                row.update(steps=summary["step"], train_seconds=summary["train_loop_s"],
+                           first_train_loss=summary["first_loss"], final_train_loss=summary["final_loss"],
+                           stop_reason=summary["stop_reason"])
+                if v.id == EXPORT_VARIANT:
+                    _export(student, out / "distilled_hybrid", model_dir, cfg, v, sparse, summary, payload)
+                    row["exported_to"] = str(out / "distilled_hybrid")
+                r = _evaluate(student, sparse, cfg, reference, data, device, cache)
+            except Exception as e:  # one failed variant (e.g. a diverging loss) must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                _log(f"variant {v.id}: {row['status']}")
+                del student
+                write()
+                continue
+            finish_row(row, r)
+            if summary["step"] != steps:
+                row["status"] = f"done ({summary['stop_reason']} after {summary['step']} of {steps} steps)"
+            _log(f"variant {v.id} ({v.name}, {v.data}): {summary['step']} steps in {summary['train_loop_s']:.1f} s, "
+                 f"val loss {r['val_loss']:.5f} ({row['delta_vs_dense_pct']:+.1f}% vs dense), sparsity {r['sparsity']}, "
+                 f"PSNR {r['psnr']}")
+            del student
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write()
+
+    payload["status"] = "done"
+    write()
+    _log(f"done in {payload['elapsed_s']:.0f} s: {out / 'ablation.json'}, {out / 'ablation.md'}")
+    return payload
+
+
+def _export(student, path: Path, model_dir: Path | None, cfg: AblationConfig, v: Variant, sparse, summary, payload) -> None:
+    """fp16 save_pretrained of the distilled student, with the source's sampling.json and a card."""
+    from .distill import save_student
+
+    shutil.rmtree(path, ignore_errors=True)
+    save_student(student, path)
+    if model_dir is not None and (Path(model_dir) / "sampling.json").is_file():
+        shutil.copy(Path(model_dir) / "sampling.json", path / "sampling.json")
+    card = f"""# tiny Wan, velocity-distilled for hybrid block-sparse attention
+
+The embedded tiny Wan model (`vidsparse/assets/tiny_wan`) fine-tuned by velocity distillation
+(SpargeAttention2 §4.2) against its own dense copy, with vidsparse's hybrid Top-k+Top-p
+block-sparse self-attention in the student. Variant {v.id} of `python -m vidsparse.training.ablation`.
+
+| | |
+|---|---|
+| sparse setting to use | `SparseConfig(topk={sparse.topk!r}, topp={sparse.topp!r}, block_q={cfg.block_q}, block_k={cfg.block_k})` |
+| measured block sparsity (calibration) | {payload['calibration'].get('hybrid', {}).get('sparsity', float('nan')):.4f} |
+| fine-tuning data | "{v.data}" split of `vidsparse.data` (colours, motions and backgrounds held out of pretraining) |
+| steps | {summary['step']} x batch {cfg.batch_size}, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio:g} x), all parameters |
+| timesteps | {cfg.timesteps} (mean {cfg.t_mean}, std {cfg.t_std}), shift {cfg.t_shift:g} |
+| device | {payload['device_name']}, {payload['precision']}, torch {payload['versions']['torch']} |
+| date | {payload['date']} |
+
+Weights: fp16 safetensors (`save_pretrained`); load with `vidsparse.models.load_tiny_wan(path)` and
+patch with the setting above (`vidsparse.patch(model, SparseConfig(...))`). It was trained for
+that sparse setting; for dense attention use the original model. Quality against the original:
+`ablation.md` / `ablation.json` of the same run (variant {v.id}).
+"""
+    (path / "MODEL_CARD.md").write_text(card)
+    # what the student was distilled for: `vidsparse demo --distilled` reads it
+    frac = lambda x: None if x is None else float(x)  # noqa: E731
+    setting = {"topk": frac(sparse.topk), "topp": frac(sparse.topp), "block_q": cfg.block_q, "block_k": cfg.block_k}
+    (path / "sparse_config.json").write_text(json.dumps(setting, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown
+
+
+def _f(x: Any, spec: str, none: str = "–") -> str:
+    if x is None:
+        return none
+    if isinstance(x, str):
+        return x
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return format(x, spec)
+
+
+def render_markdown(payload: dict[str, Any]) -> str:
+    """The ablation table and its context, ready to paste into docs/results.md."""
+    s = payload["settings"]
+    vers = payload["versions"]
+    plan = payload.get("plan") or {}
+    lines = [
+        f"### SpargeAttention2 ablation (Table 6) on the tiny Wan model",
+        "",
+        f"`{payload.get('command') or 'python -m vidsparse.training.ablation'}`, {payload['date']}, "
+        f"**{payload['device_name']}**, torch {vers.get('torch')}, triton {vers.get('triton')}, "
+        f"diffusers {vers.get('diffusers')}, {payload['precision']}. {payload['tokens']} tokens per clip "
+        f"({s['frames']}x{s['size']}x{s['size']}), blocks {s['block_q']}x{s['block_k']}, target block sparsity "
+        f"{100 * payload['target_sparsity']:.1f}% (Top-k only at k = {s['topk_only']}).",
+        "",
+        f"Fine-tuning: {plan.get('steps', '–')} steps per trained variant ({plan.get('source', '')}), batch "
+        f"{s['batch_size']}, AdamW lr {s['lr']:g} (warm-up {s['warmup_steps']}, cosine to {s['min_lr_ratio']:g} x), "
+        f"weight decay {s['weight_decay']}, all parameters, seed {s['seed']}; timesteps {s['timesteps']} "
+        f"(mean {s['t_mean']}, std {s['t_std']}) with shift {s['t_shift']:g}. Evaluation "
+        f"(`vidsparse.evaluate.evaluate_variant`): val loss = flow-matching MSE on {s['eval_clips']} \"val\" clips x "
+        f"{s['eval_num_t']} fixed times; shifted = the same on the \"shifted\" split; PSNR/SSIM of {s['samples']} "
+        f"samples ({s['sample_steps']} Euler steps) against the original dense model's samples (same conditions and "
+        f"noise). Sparsity = measured block sparsity of the masks in the val-loss forwards.",
+        "",
+        "| # | variant | mask | fine-tune data | k | p | sparsity % | steps | train s | val loss | Δ vs dense % "
+        "| shifted val loss | PSNR dB | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["variants"]:
+        sp = None if r.get("sparsity") is None else 100 * r["sparsity"]
+        status = "" if r.get("status") == "done" else f" ({r.get('status')})"
+        lines.append(
+            f"| {r['id']} | {r['variant']}{status} | {r['method']} | {r['data']} | {_f(r.get('topk'), 'g')} | "
+            f"{_f(r.get('topp'), '.4f')} | {_f(sp, '.1f')} | {_f(r.get('steps'), 'd')} | "
+            f"{_f(r.get('train_seconds'), '.0f')} | {_f(r.get('val_loss'), '.5f')} | "
+            f"{_f(r.get('delta_vs_dense_pct'), '+.1f')} | {_f(r.get('shifted_val_loss'), '.5f')} | "
+            f"{_f(r.get('psnr'), '.2f')} | {_f(r.get('ssim'), '.4f')} |"
+        )
+    cal = payload.get("calibration", {})
+    parts = []
+    for key, label in (("topp", "Top-p only"), ("hybrid", f"hybrid (k = {s['hybrid_topk']})")):
+        if key in cal:
+            c = cal[key]
+            how = "bisection" if c.get("calibrated") else "given"
+            parts.append(f"{label}: p = {c['p']:.6g} ({how}) → {100 * c['sparsity']:.2f}%")
+    if "topk" in cal:
+        parts.append(f"Top-k only: k = {cal['topk']['k']} ({cal['topk']['kept_blocks']} blocks) → "
+                     f"{100 * cal['topk']['sparsity']:.2f}%")
+    if parts:
+        lines += ["", f"Calibration on {cal.get('clips')} val clips x {cal.get('num_t')} times: " + "; ".join(parts) + "."]
+    if plan.get("step_s"):
+        names = {"distill": "velocity distillation (teacher + student)", "diffusion": "diffusion loss (student only)"}
+        rates = "; ".join(f"{names.get(k, k)} {1e3 * v:.0f} ms" for k, v in plan["step_s"].items())
+        lines += ["", f"Measured time per training step (batch {s['batch_size']}): {rates}. Total wall time "
+                      f"{payload.get('elapsed_s', 0) / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _variants_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated variant ids, got {text!r}") from None
+
+
+def _optional_float(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    return float(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = AblationConfig(out="")
+    p = argparse.ArgumentParser(
+        prog="python -m vidsparse.training.ablation",
+        description="SpargeAttention2's Table 6 ablation on the tiny Wan model, inside a wall-clock budget.",
+    )
+    p.add_argument("--out", required=True, help="ablation.json, ablation.md and distilled_hybrid/ go here")
+    p.add_argument("--work-dir", default=None, help="checkpoints and logs (default runs/ablation; smoke: runs/ablation_smoke)")
+    p.add_argument("--model", default=None, help="diffusers Wan directory (default: the embedded tiny model)")
+    p.add_argument("--time-limit-min", type=float, default=d.time_limit_min, help=f"budget of the whole run, imports included (default {d.time_limit_min:g})")
+    p.add_argument("--steps", type=int, default=None, help="fixed steps per trained variant (default: planned from the budget)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"clips per step (default {d.batch_size}; smoke 2)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak lr (default {d.lr:g})")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"cosine floor (default {d.min_lr_ratio:g})")
+    p.add_argument("--topk-only", type=float, default=None, help=f"k of the Top-k variants (default {d.topk_only})")
+    p.add_argument("--hybrid-topk", type=float, default=None, help=f"k of the hybrid variants (default {d.hybrid_topk})")
+    p.add_argument("--topp-only", type=_optional_float, default=None, help="fixed p of Top-p only (default: calibrated)")
+    p.add_argument("--hybrid-topp", type=_optional_float, default=None, help="fixed p of the hybrid (default: calibrated)")
+    p.add_argument("--target-sparsity", type=float, default=None, help="calibration target (default: Top-k only's)")
+    p.add_argument("--variants", type=_variants_arg, default=None, help="subset of 1..10, e.g. 1,4,8")
+    p.add_argument("--eval-clips", type=int, default=None, help=f"val clips (default {d.eval_clips})")
+    p.add_argument("--samples", type=int, default=None, help=f"samples for PSNR/SSIM (default {d.samples})")
+    p.add_argument("--sample-steps", type=int, default=None, help=f"Euler steps per sample (default {d.sample_steps})")
+    p.add_argument("--no-shifted-eval", action="store_true", help="skip the shifted split's val loss")
+    p.add_argument("--seed", type=int, default=d.seed, help="data, noise and evaluation seed (default 0)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU configuration (end-to-end check)")
+    p.add_argument("--progress", action="store_true", help="tqdm bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cmd = "python -m vidsparse.training.ablation " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    changes: dict[str, Any] = dict(model=args.model, time_limit_min=args.time_limit_min, steps=args.steps, lr=args.lr,
+                                   min_lr_ratio=args.min_lr_ratio, topp_only=args.topp_only, hybrid_topp=args.hybrid_topp,
+                                   target_sparsity=args.target_sparsity, shifted_eval=not args.no_shifted_eval,
+                                   seed=args.seed, device=args.device, progress=args.progress, command=cmd)
+    for name in ("batch_size", "warmup_steps", "topk_only", "hybrid_topk", "eval_clips", "samples", "sample_steps",
+                 "variants", "work_dir"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    try:
+        if args.smoke:
+            changes.setdefault("steps", None)
+            if changes["steps"] is None:
+                changes["steps"] = _SMOKE["steps"]
+            cfg = smoke_config(args.out, **changes)
+        else:
+            cfg = AblationConfig(out=args.out, **changes)
+        payload = run_ablation(cfg, started=_T_IMPORT)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render_markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
