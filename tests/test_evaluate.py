@@ -200,6 +200,21 @@ def test_cli_settings(args, expected):
     assert [s.block_q for s in settings][-1] == (64 if "--setting" in args else 128)
 
 
+def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
+    # a distilled student carries the mask it was trained for; flags still win
+    from vidsparse.evaluate import _parser, _settings
+
+    (tmp_path / "sparse_config.json").write_text('{"topk": 0.03125, "topp": 0.083, "block_q": 64, "block_k": 32}')
+    parser = _parser()
+    settings = _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
+    assert [(s.name, s.topk, s.topp, s.block_q, s.block_k) for s in settings][-1] == ("hybrid", 0.03125, 0.083, 64, 32)
+    settings = _settings(parser.parse_args(["--model", str(tmp_path), "--topp", "0.2", "--block-k", "64"]), parser)
+    assert [(s.topk, s.topp, s.block_q, s.block_k) for s in settings][-1] == (0.03125, 0.2, 64, 64)
+    (tmp_path / "sparse_config.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -490,11 +490,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", action="append", default=[], metavar="NAME:topk=X,topp=Y",
                    help="a sparse setting to evaluate (repeatable); keys topk, topp (a number in (0, 1] or "
                    "'none'), block_q, block_k; an omitted rule is off. Replaces the default hybrid setting.")
-    p.add_argument("--topk", default=None, help=f"Top-k of the default setting (default {DEFAULT_TOPK}; 'none' = off)")
-    p.add_argument("--topp", default=None, help=f"Top-p of the default setting (default {DEFAULT_TOPP}; 'none' = off)")
-    p.add_argument("--block-q", default="128", help="query block size (default 128)")
-    p.add_argument("--block-k", default="64", help="key block size (default 64)")
-    p.add_argument("--backend", default="auto", help="block-sparse backend: auto, triton, flex or reference")
+    p.add_argument("--topk", default=None, help=f"Top-k of the default setting (default: the model directory's "
+                   f"sparse_config.json if it has one, else {DEFAULT_TOPK}; 'none' = off)")
+    p.add_argument("--topp", default=None, help=f"Top-p of the default setting (default: sparse_config.json, else "
+                   f"{DEFAULT_TOPP}; 'none' = off)")
+    p.add_argument("--block-q", default=None, help="query block size (default: sparse_config.json, else 128)")
+    p.add_argument("--block-k", default=None, help="key block size (default: sparse_config.json, else 64)")
+    p.add_argument("--backend", default="auto", help="block-sparse backend: auto, triton, flex, gather or reference")
     p.add_argument("--split", choices=("val", "shifted"), default="val", help="held-out clips to evaluate on")
     p.add_argument("--clips", type=int, default=None, help="validation clips (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--num-t", type=int, default=None, help="fixed times per clip (default 8 on CUDA, 4 on CPU)")
@@ -513,18 +515,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _saved_setting(model: str | None, parser) -> dict:
+    """The ``sparse_config.json`` a distilled student carries (the mask it was trained for), or {}."""
+    if model is None:
+        return {}
+    path = Path(model) / "sparse_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("expected a JSON object")
+    except (OSError, ValueError) as e:
+        parser.error(f"--model: unreadable {path} ({e})")
+    return {k: saved[k] for k in ("topk", "topp", "block_q", "block_k") if k in saved}
+
+
 def _settings(args, parser) -> list[_Setting]:
     from .dispatch import BACKENDS
 
     if args.backend != "auto" and args.backend not in BACKENDS:
         parser.error(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    saved = _saved_setting(args.model, parser)
     try:
-        block_q = _block_arg("--block-q", args.block_q)
-        block_k = _block_arg("--block-k", args.block_k)
+        block_q = _block_arg("--block-q", args.block_q if args.block_q is not None else saved.get("block_q", 128))
+        block_k = _block_arg("--block-k", args.block_k if args.block_k is not None else saved.get("block_k", 64))
         settings = [_Setting("dense", None, None, block_q, block_k)]
         if args.topk is not None or args.topp is not None or not args.setting:
-            topk = DEFAULT_TOPK if args.topk is None else _fraction_arg("--topk", args.topk)
-            topp = DEFAULT_TOPP if args.topp is None else _fraction_arg("--topp", args.topp)
+            topk = saved.get("topk", DEFAULT_TOPK) if args.topk is None else _fraction_arg("--topk", args.topk)
+            topp = saved.get("topp", DEFAULT_TOPP) if args.topp is None else _fraction_arg("--topp", args.topp)
             if topk is None and topp is None:
                 raise ValueError("--topk none --topp none leaves no rule: that is the dense baseline, always included")
             name = "hybrid" if topk is not None and topp is not None else ("topk" if topp is None else "topp")
