@@ -13,15 +13,10 @@ set -uo pipefail
 start=$(date +%s)
 OUT=${OUT:-out}; mkdir -p "$OUT"
 LIMIT_MIN=${LIMIT_MIN:-9}
-export PYTHONUNBUFFERED=1
 # one config per Triton kernel: autotuning 18 configs costs ~30 s of the budget and buys little
 # here (at 95% sparsity attention is a small share of a tiny-model step)
 export VIDSPARSE_AUTOTUNE=${VIDSPARSE_AUTOTUNE:-0}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_env.sh
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 left=$(python3 -c "print(round($LIMIT_MIN - ($(date +%s) - $start) / 60, 2))")
 echo "ablation: $left min left of $LIMIT_MIN"

@@ -3,19 +3,14 @@
 # compare loss curves and throughput. Logs and summaries go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_env.sh
 nvidia-smi -L
 STEPS=${STEPS:-60}
 ARGS=(--steps "$STEPS" --batch-size ${BATCH:-32} --lr 1e-4 --data shifted --log-every 5 --ckpt-every 1000 --no-progress)
 torchrun --standalone --nproc_per_node 2 -m vidsparse.training.distill --out runs/ddp2 "${ARGS[@]}" > "$OUT/ddp2.log" 2>&1
 echo "2-GPU rc $?"; tail -4 "$OUT/ddp2.log"; cp runs/ddp2/summary.json "$OUT/ddp2_summary.json"; cp runs/ddp2/log.jsonl "$OUT/ddp2_log.jsonl"
 runs=(ddp2)
-if [ -n "${SINGLE:-1}" ]; then
+if [ "${SINGLE:-1}" != 0 ]; then  # SINGLE=0: the 2-GPU run only
   CUDA_VISIBLE_DEVICES=0 python3 -m vidsparse.training.distill --out runs/ddp1 "${ARGS[@]}" > "$OUT/gpu1.log" 2>&1
   echo "1-GPU rc $?"; tail -4 "$OUT/gpu1.log"; cp runs/ddp1/summary.json "$OUT/gpu1_summary.json"; cp runs/ddp1/log.jsonl "$OUT/gpu1_log.jsonl"
   runs+=(gpu1)

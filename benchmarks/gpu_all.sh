@@ -8,12 +8,7 @@
 # Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_env.sh
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 if [ -n "${TESTS:-}" ]; then
   VIDSPARSE_TEST_GPU=1 VIDSPARSE_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_triton_kernels.py tests/test_flex.py} \

@@ -2,7 +2,7 @@
 # Stage timings and Nsight Compute counters for the predictor and the forward kernel (one GPU call).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_env.sh
 python3 benchmarks/profile_gpu.py --out "$OUT/profile_bhnd.json" 2>&1 | tee "$OUT/profile.log"
 python3 benchmarks/profile_gpu.py --layout bnhd --out "$OUT/profile_bnhd.json" 2>&1 | tee -a "$OUT/profile.log"
 if command -v ncu >/dev/null && [ -n "${NCU:-1}" ]; then

@@ -4,12 +4,7 @@
 # to eager if compilation fails. Results (model dir, log) are copied to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_env.sh
 LIMIT_MIN=${LIMIT_MIN:-9.0}
 start=$(date +%s)
 args=(--steps auto --init-from vidsparse/assets/tiny_wan --seed 1 --lr ${LR:-5e-4} --warmup-steps 100 --no-progress)

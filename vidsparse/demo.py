@@ -532,16 +532,16 @@ def _sparse_config(args, parser, distilled_dir: Path | None):
 
     fields = {"topk": DEMO_TOPK, "topp": DEMO_TOPP}
     source = "--topk/--topp/--block-q/--block-k"
-    saved_file = distilled_dir / "sparse_config.json" if distilled_dir is not None else None
-    if saved_file is not None and saved_file.is_file():
+    if distilled_dir is not None:
+        from vidsparse.evaluate import read_sparse_setting
+
         try:
-            saved = json.loads(saved_file.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError("expected a JSON object")
-        except (OSError, ValueError) as e:
-            parser.error(f"--distilled-path: unreadable {saved_file} ({e})")
-        fields.update({k: saved[k] for k in ("topk", "topp", "block_q", "block_k") if k in saved})
-        source = f"{saved_file} or the flags"
+            saved = read_sparse_setting(distilled_dir)
+        except ValueError as e:
+            parser.error(f"--distilled-path: {e}")
+        if saved:
+            fields.update(saved)
+            source = f"{distilled_dir / 'sparse_config.json'} or the flags"
     if args.topk is not _UNSET:
         fields["topk"] = args.topk
     if args.topp is not _UNSET:
