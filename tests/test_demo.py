@@ -223,3 +223,19 @@ def test_cuda_without_a_gpu_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_sparse_side_settings_from_the_student_and_the_flags(tmp_path):
+    # the shipped student's sparse_config.json sets the mask; --token-order and --topp override it
+    parser = demo.build_parser()
+    shipped = demo._distilled_dir()
+    cfg = demo._sparse_config(parser.parse_args(["--distilled"]), parser, shipped)
+    saved = json.loads((shipped / "sparse_config.json").read_text())
+    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], saved["topp"], "raster")
+    cfg = demo._sparse_config(parser.parse_args(["--token-order", "tiled", "--topp", "0.3"]), parser, shipped)
+    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], 0.3, "tiled")
+    cfg = demo._sparse_config(parser.parse_args([]), parser, None)
+    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (demo.DEMO_TOPK, demo.DEMO_TOPP, "raster")
+    (tmp_path / "sparse_config.json").write_text("not json")
+    with pytest.raises(SystemExit):
+        demo._sparse_config(parser.parse_args([]), parser, tmp_path)

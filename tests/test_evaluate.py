@@ -208,8 +208,15 @@ def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
     parser = _parser()
     settings = _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
     assert [(s.name, s.topk, s.topp, s.block_q, s.block_k) for s in settings][-1] == ("hybrid", 0.03125, 0.083, 64, 32)
-    settings = _settings(parser.parse_args(["--model", str(tmp_path), "--topp", "0.2", "--block-k", "64"]), parser)
+    args = parser.parse_args(["--model", str(tmp_path), "--topp", "0.2", "--block-k", "64"])
+    settings = _settings(args, parser)
     assert [(s.topk, s.topp, s.block_q, s.block_k) for s in settings][-1] == (0.03125, 0.2, 64, 64)
+    assert args.token_order == "raster" and settings[-1].config("reference", args.token_order).token_order == "raster"
+    (tmp_path / "sparse_config.json").write_text('{"topk": 0.05, "topp": null, "token_order": "tiled"}')
+    args = parser.parse_args(["--model", str(tmp_path)])
+    assert _settings(args, parser)[-1].config("reference", args.token_order).token_order == "tiled"
+    args = parser.parse_args(["--model", str(tmp_path), "--token-order", "raster"])
+    assert _settings(args, parser)[-1].config("reference", args.token_order).token_order == "raster"
     (tmp_path / "sparse_config.json").write_text("[1, 2]")
     with pytest.raises(SystemExit):
         _settings(parser.parse_args(["--model", str(tmp_path)]), parser)

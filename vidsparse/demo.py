@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: vidsparse/assets/tiny_wan_distilled)")
     parser.add_argument("--topk", type=_fraction, default=_UNSET,
                         help=f"Top-k fraction of key blocks kept per query block, or 'none' (default {DEMO_TOPK})")
+    parser.add_argument("--token-order", choices=("raster", "tiled"), default=None,
+                        help="raster (the model's frame-major order) or tiled (each query block a compact "
+                        "t x h x w tile of the token grid); default: the distilled student's sparse_config.json, "
+                        "else raster")
     parser.add_argument("--topp", type=_fraction, default=_UNSET,
                         help=f"Top-p pooled probability mass kept per query block, or 'none' (default "
                              f"{DEMO_TOPP}: ~95%% sparsity on the embedded model; SparseConfig's 0.2 gives ~90%%)")
@@ -546,8 +550,8 @@ def _sparse_config(args, parser, distilled_dir: Path | None):
         fields["topk"] = args.topk
     if args.topp is not _UNSET:
         fields["topp"] = args.topp
-    for name in ("block_q", "block_k"):
-        if getattr(args, name) is not None:
+    for name in ("block_q", "block_k", "token_order"):
+        if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     try:
         return SparseConfig(**fields, collect_stats=True)
@@ -747,7 +751,7 @@ def model_main(args, parser) -> dict:
     backend = "Triton kernels" if cuda else "gather backend (eager PyTorch over the kept blocks only)"
     print(f"  sparse side: {'distilled student ' + str(distilled_dir) + ', ' if student is not None else ''}"
           f"topk={_fmt_frac(sparse_cfg.topk)}, topp={_fmt_frac(sparse_cfg.topp)}, "
-          f"blocks {sparse_cfg.block_q}x{sparse_cfg.block_k}, {backend}")
+          f"blocks {sparse_cfg.block_q}x{sparse_cfg.block_k}, {sparse_cfg.token_order} token order, {backend}")
     progress = not args.no_progress
     common = dict(steps=steps, guidance_scale=guidance, shift=shift, device=device)
     sparse_model = student if student is not None else model

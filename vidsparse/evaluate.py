@@ -410,12 +410,13 @@ class _Setting:
             return "hybrid"
         return "topk" if self.topk is not None else "topp"
 
-    def config(self, backend: str):
+    def config(self, backend: str, token_order: str = "raster"):
         if self.method == "dense":
             return None
         from .integrations.config import SparseConfig
 
-        return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k, backend=backend)
+        return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
+                            token_order=token_order, backend=backend)
 
 
 def _fraction_arg(flag: str, text: str):
@@ -497,6 +498,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-q", default=None, help="query block size (default: sparse_config.json, else 128)")
     p.add_argument("--block-k", default=None, help="key block size (default: sparse_config.json, else 64)")
     p.add_argument("--backend", default="auto", help="block-sparse backend: auto, triton, flex, gather or reference")
+    p.add_argument("--token-order", choices=("raster", "tiled"), default=None,
+                   help="raster (the model's frame-major order) or tiled (each query block a compact t x h x w "
+                   "tile); default: the model directory's sparse_config.json, else raster")
     p.add_argument("--split", choices=("val", "shifted"), default="val", help="held-out clips to evaluate on")
     p.add_argument("--clips", type=int, default=None, help="validation clips (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--num-t", type=int, default=None, help="fixed times per clip (default 8 on CUDA, 4 on CPU)")
@@ -527,7 +531,7 @@ def read_sparse_setting(directory: str | Path) -> dict:
         raise ValueError(f"unreadable {path} ({e})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"unreadable {path} (expected a JSON object)")
-    return {k: saved[k] for k in ("topk", "topp", "block_q", "block_k") if k in saved}
+    return {k: saved[k] for k in ("topk", "topp", "block_q", "block_k", "token_order") if k in saved}
 
 
 def _saved_setting(model: str | None, parser) -> dict:
@@ -543,6 +547,8 @@ def _settings(args, parser) -> list[_Setting]:
     if args.backend != "auto" and args.backend not in BACKENDS:
         parser.error(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {args.backend!r}")
     saved = _saved_setting(args.model, parser)
+    if args.token_order is None:
+        args.token_order = saved.get("token_order", "raster")
     try:
         block_q = _block_arg("--block-q", args.block_q if args.block_q is not None else saved.get("block_q", 128))
         block_k = _block_arg("--block-k", args.block_k if args.block_k is not None else saved.get("block_k", 64))
@@ -561,7 +567,7 @@ def _settings(args, parser) -> list[_Setting]:
         if dup:
             raise ValueError(f"--setting: duplicate setting name(s) {dup}")
         for s in settings:
-            s.config(args.backend)  # validates (backend name, block sizes) before any work
+            s.config(args.backend, args.token_order)  # validates (backend name, block sizes) before any work
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     return settings
@@ -693,12 +699,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for s in tqdm(settings, desc="eval", unit="setting", disable=not progress):
             r = evaluate_variant(
-                model, s.config(args.backend), reference=reference, split=args.split, clips=run["clips"],
+                model, s.config(args.backend, args.token_order), reference=reference, split=args.split, clips=run["clips"],
                 batch_size=run["batch_size"], samples=run["samples"], sample_steps=run["steps"],
                 guidance_scale=guidance, shift=shift, seed=args.seed, device=device, progress=progress,
                 num_t=run["num_t"], data=data, cache=cache,
             )
-            cfg = s.config(args.backend)
+            cfg = s.config(args.backend, args.token_order)
             results.append({"setting": s.name, "method": s.method, "topk": s.topk, "topp": s.topp,
                             "block_q": s.block_q, "block_k": s.block_k,
                             "sparse_config": None if cfg is None else cfg.to_dict()} | r)

@@ -619,7 +619,8 @@ that sparse setting; for dense attention use the original model. Quality against
     (path / "MODEL_CARD.md").write_text(card)
     # what the student was distilled for: `vidsparse demo --distilled` reads it
     frac = lambda x: None if x is None else float(x)  # noqa: E731
-    setting = {"topk": frac(sparse.topk), "topp": frac(sparse.topp), "block_q": cfg.block_q, "block_k": cfg.block_k}
+    setting = {"topk": frac(sparse.topk), "topp": frac(sparse.topp), "block_q": cfg.block_q, "block_k": cfg.block_k,
+               "token_order": sparse.token_order}
     (path / "sparse_config.json").write_text(json.dumps(setting, indent=1) + "\n")
 
 
