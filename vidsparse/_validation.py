@@ -88,3 +88,21 @@ def check_fraction(name: str, value, heads: int | None = None, *, allow_none: bo
     if not (0.0 < float(value) <= 1.0):
         raise ValueError(f"{name} must lie in (0, 1], got {value}")
     return float(value)
+
+
+def parse_fraction(text: str) -> float | None:
+    """A command-line Top-k / Top-p value: "none" (the rule off) -> None, else a float in (0, 1].
+
+    Raises:
+        ValueError: saying what was expected (callers prefix the flag's name).
+    """
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number in (0, 1] or 'none', got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must lie in (0, 1], got {text}")
+    return value
+

@@ -217,15 +217,12 @@ _SYNTHETIC_ONLY = ("height", "width", "heads", "head_dim")
 
 def _fraction(text: str):
     """A --topk / --topp value: a float in (0, 1], or 'none' to switch the rule off."""
-    if text.strip().lower() == "none":
-        return None
+    from vidsparse._validation import parse_fraction
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (or 'none'), got {value}")
-    return value
+        return parse_fraction(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_at_least(minimum: int):
@@ -248,9 +245,13 @@ _nonneg_int = _int_at_least(0)
 
 
 def _block(text: str) -> int:
+    from vidsparse.mask import check_block_size
+
     value = _positive_int(text)
-    if value < 16 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two >= 16, got {value}")
+    try:
+        check_block_size("the block size", value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 

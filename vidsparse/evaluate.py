@@ -421,15 +421,12 @@ class _Setting:
 
 def _fraction_arg(flag: str, text: str):
     """'none' -> None, else a float in (0, 1]; errors name ``flag``."""
-    if text.strip().lower() == "none":
-        return None
+    from ._validation import parse_fraction
+
     try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{flag}: expected a number in (0, 1] or 'none', got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{flag}: must lie in (0, 1], got {text}")
-    return value
+        return parse_fraction(text)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def _block_arg(flag: str, text) -> int:

@@ -81,6 +81,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..evaluate import _device_name, _jsonable, _versions
+from .distill import _optional_float
+
 __all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "main"]
 
 
@@ -252,9 +255,6 @@ def _call(fn, **kwargs):
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return fn(**kwargs)
     return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
-from ..evaluate import _device_name, _jsonable, _versions  # noqa: E402 (shared with vidsparse eval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -704,12 +704,6 @@ def _variants_arg(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated variant ids, got {text!r}") from None
-
-
-def _optional_float(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    return float(text)
 
 
 def _parser() -> argparse.ArgumentParser:
