@@ -231,11 +231,28 @@ def test_sparse_side_settings_from_the_student_and_the_flags(tmp_path):
     shipped = demo._distilled_dir()
     cfg = demo._sparse_config(parser.parse_args(["--distilled"]), parser, shipped)
     saved = json.loads((shipped / "sparse_config.json").read_text())
-    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], saved["topp"], "raster")
-    cfg = demo._sparse_config(parser.parse_args(["--token-order", "tiled", "--topp", "0.3"]), parser, shipped)
-    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], 0.3, "tiled")
+    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], saved["topp"], saved["token_order"])
+    other = "raster" if saved["token_order"] == "tiled" else "tiled"
+    cfg = demo._sparse_config(parser.parse_args(["--token-order", other, "--topp", "0.3"]), parser, shipped)
+    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], 0.3, other)
     cfg = demo._sparse_config(parser.parse_args([]), parser, None)
     assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (demo.DEMO_TOPK, demo.DEMO_TOPP, "raster")
     (tmp_path / "sparse_config.json").write_text("not json")
     with pytest.raises(SystemExit):
         demo._sparse_config(parser.parse_args([]), parser, tmp_path)
+
+
+def test_videos_without_imageio_ffmpeg_write_the_gif_and_warn(tmp_path, monkeypatch, capsys):
+    """Without imageio-ffmpeg the mp4 is skipped with a warning (imageio would otherwise pass
+    ".mp4" to an unrelated plugin and fail); the GIF still holds every frame."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "imageio_ffmpeg" else real_find_spec(name, *a))
+    frames = np.random.default_rng(0).integers(0, 256, size=(3, 16, 24, 3), dtype=np.uint8)
+    mp4, gif = demo._write_videos(frames, tmp_path)
+    assert mp4 is None and not (tmp_path / "side_by_side.mp4").exists()
+    assert "imageio-ffmpeg is not installed" in capsys.readouterr().err
+    back = np.stack(list(iio.imiter(gif)))
+    assert back.shape[0] == 3 and back.shape[1:3] == (16, 24)

@@ -650,15 +650,24 @@ def _frame_strip(dense, sparse, captions, labels, path, *, every: int, scale: in
     img.save(path)
 
 
-def _write_videos(frames, out: Path) -> tuple[Path, Path]:
+def _write_videos(frames, out: Path) -> tuple[Path | None, Path]:
+    """Write the mp4 (None without imageio-ffmpeg, with a warning) and the GIF."""
+    import importlib.util
+
     import imageio.v2 as imageio
 
     mp4, gif = out / "side_by_side.mp4", out / "side_by_side.gif"
-    with imageio.get_writer(mp4, fps=FPS, codec="libx264", quality=8, macro_block_size=16,
-                            ffmpeg_log_level="error") as writer:
-        for frame in frames:
-            writer.append_data(frame)
-    imageio.mimsave(gif, list(frames), duration=1000 / FPS, loop=0)
+    # without imageio-ffmpeg, imageio would hand ".mp4" to another plugin and fail obscurely
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        print("warning: imageio-ffmpeg is not installed: skipping side_by_side.mp4 (pip install imageio-ffmpeg)",
+              file=sys.stderr)
+        mp4 = None
+    else:
+        with imageio.get_writer(mp4, format="FFMPEG", fps=FPS, codec="libx264", quality=8, macro_block_size=16,
+                                ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(frame)
+    imageio.mimsave(gif, list(frames), format="GIF", duration=1000 / FPS, loop=0)
     return mp4, gif
 
 
@@ -844,7 +853,7 @@ def model_main(args, parser) -> dict:
               "the dense ones. `--distilled` shows a student fine-tuned for the sparse mask (`vidsparse "
               "distill`); milder masks stay closer (e.g. --topp 0.7)")
 
-    files = [mp4, gif, strip] + ([mask_png] if mask_png else []) + [out / "results.json"]
+    files = ([mp4] if mp4 else []) + [gif, strip] + ([mask_png] if mask_png else []) + [out / "results.json"]
     results = {
         "model": str(model_dir), "distilled": str(distilled_dir) if distilled_dir else None,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
