@@ -259,3 +259,25 @@ def test_diffusion_only_run_and_time_limit(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert recs and all(r["vd_loss"] is None for r in recs)
     assert len(list_checkpoints(tmp_path)) == 1  # the stop still checkpoints
+
+
+def test_cli_token_order_is_trained_and_recorded_with_the_student(tmp_path):
+    model_dir = tmp_path / "model"
+    _mini_model().save_pretrained(model_dir, safe_serialization=True)
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--out", str(out), "--steps", "1", "--batch-size", "2", "--timesteps", "uniform",
+            "--topk", "0.25", "--topp", "0.5", "--block-q", "16", "--block-k", "16", "--backend", "reference",
+            "--token-order", "tiled", "--frames", "4", "--size", "16", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    assert "token_order='tiled'" in json.loads((out / "summary.json").read_text())["sparse_config"]
+    # what `vidsparse demo --distilled-path` and `vidsparse eval` read back
+    from vidsparse.evaluate import read_sparse_setting
+
+    assert read_sparse_setting(out / "student") == {"topk": 0.25, "topp": 0.5, "block_q": 16, "block_k": 16,
+                                                   "token_order": "tiled"}
+
+
+def test_cli_rejects_an_unknown_token_order(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", "unused", "--token-order", "diagonal"])
+    assert exc.value.code == 2 and "--token-order" in capsys.readouterr().err

@@ -589,7 +589,7 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
 
 def _export(student, path: Path, model_dir: Path | None, cfg: AblationConfig, v: Variant, sparse, summary, payload) -> None:
     """fp16 save_pretrained of the distilled student, with the source's sampling.json and a card."""
-    from .distill import save_student
+    from .distill import save_student, write_sparse_setting
 
     shutil.rmtree(path, ignore_errors=True)
     save_student(student, path)
@@ -617,11 +617,7 @@ that sparse setting; for dense attention use the original model. Quality against
 `ablation.md` / `ablation.json` of the same run (variant {v.id}).
 """
     (path / "MODEL_CARD.md").write_text(card)
-    # what the student was distilled for: `vidsparse demo --distilled` reads it
-    frac = lambda x: None if x is None else float(x)  # noqa: E731
-    setting = {"topk": frac(sparse.topk), "topp": frac(sparse.topp), "block_q": cfg.block_q, "block_k": cfg.block_k,
-               "token_order": sparse.token_order}
-    (path / "sparse_config.json").write_text(json.dumps(setting, indent=1) + "\n")
+    write_sparse_setting(path, sparse)  # what the student was distilled for: `vidsparse demo --distilled` reads it
 
 
 # ----------------------------------------------------------------------------------------------

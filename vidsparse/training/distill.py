@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from ..data import ShapesConfig, make_batch
 from ..models.flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample_timesteps, velocity_target
+from ..integrations.config import TOKEN_ORDERS
 from .pretrain import (
     _arch,
     _changed_hyperparameters,
@@ -124,7 +125,8 @@ class DistillConfig:
         lora_targets: "attention" (to_q, to_k, to_v, to_out.0 of attn1 and attn2) or
             "attention+ffn" (also the two FFN projections).
         gradient_checkpointing: recompute every transformer block in the backward pass.
-        topk, topp, block_q, block_k, backend: the student's :class:`vidsparse.SparseConfig`.
+        topk, topp, block_q, block_k, backend, token_order: the student's
+            :class:`vidsparse.SparseConfig` (recorded in the exported student's sparse_config.json).
         data: "train" or "shifted", the split whose clips build x_0.
         frames, size: clip geometry (the condition width is the model's ``text_dim``).
         seed, device, precision: data/noise seed; "auto"/"cpu"/"cuda[:N]" (ignored under DDP,
@@ -164,6 +166,7 @@ class DistillConfig:
     block_q: int = 128
     block_k: int = 64
     backend: str = "auto"
+    token_order: str = "raster"
     data: str = "train"
     frames: int = 16
     size: int = 64
@@ -223,7 +226,8 @@ class DistillConfig:
         """The student's :class:`vidsparse.SparseConfig`."""
         from ..integrations.config import SparseConfig
 
-        return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k, backend=self.backend)
+        return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
+                            backend=self.backend, token_order=self.token_order)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,6 +669,7 @@ def _run(cfg: DistillConfig, model: torch.nn.Module | None, keep_student: bool) 
             plain = _plain_student(student, teacher)
         if cfg.export:
             summary["student_dir"] = str(save_student(plain, out / "student"))
+            write_sparse_setting(out / "student", cfg.sparse_config())
         try:
             if not cfg.plot:
                 raise ImportError  # skip the plot like a missing matplotlib
@@ -703,6 +708,18 @@ def save_student(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     # plain nn.Module.to: diffusers' override warns about fp16 inference, irrelevant for storage
     torch.nn.Module.to(half, dtype=torch.float16).save_pretrained(Path(path), safe_serialization=True)
     return Path(path)
+
+
+def write_sparse_setting(path: str | os.PathLike, sparse_config) -> Path:
+    """Record the mask a student was trained for in ``path/sparse_config.json`` (topk, topp,
+    block_q, block_k, token_order): ``vidsparse demo --distilled-path`` and ``vidsparse eval``
+    default to it."""
+    frac = lambda x: None if x is None else float(x)  # noqa: E731  (Fractions are not JSON)
+    setting = {"topk": frac(sparse_config.topk), "topp": frac(sparse_config.topp), "block_q": sparse_config.block_q,
+               "block_k": sparse_config.block_k, "token_order": sparse_config.token_order}
+    file = Path(path) / "sparse_config.json"
+    file.write_text(json.dumps(setting, indent=1) + "\n")
+    return file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,7 +771,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topp", type=_optional_float, default=d.topp, help="a float, or 'none' for Top-k only")
     p.add_argument("--block-q", type=int, default=d.block_q)
     p.add_argument("--block-k", type=int, default=d.block_k)
-    p.add_argument("--backend", default=d.backend, help="auto, triton, flex or reference")
+    p.add_argument("--backend", default=d.backend, help="auto, triton, flex, gather or reference")
+    p.add_argument("--token-order", choices=TOKEN_ORDERS, default=d.token_order,
+                   help="raster (the model's frame-major order) or tiled (each query block a compact t x h x w tile)")
     p.add_argument("--data", choices=("train", "shifted"), default=d.data, help="the split whose clips build x_0")
     p.add_argument("--frames", type=int, default=d.frames)
     p.add_argument("--size", type=int, default=d.size)
@@ -782,7 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             timesteps=args.timesteps, t_mean=args.t_mean, t_std=args.t_std, t_shift=args.t_shift,
             trainable=args.trainable, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
             gradient_checkpointing=args.gradient_checkpointing, topk=args.topk,
-            topp=args.topp, block_q=args.block_q, block_k=args.block_k, backend=args.backend, data=args.data,
+            topp=args.topp, block_q=args.block_q, block_k=args.block_k, backend=args.backend,
+            token_order=args.token_order, data=args.data,
             frames=args.frames, size=args.size, seed=args.seed, device=args.device, precision=args.precision,
             ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
             time_limit_min=args.time_limit_min, export=not args.no_export,
