@@ -81,6 +81,37 @@ def test_triton_matches_reference(case, dtype):
     _check_against_reference(q, k, v, mask, tol=1e-5 if dtype == torch.float32 else 3e-3)
 
 
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_tma_forward_matches_reference(case, monkeypatch):
+    # the opt-in tensor-descriptor forward (VIDSPARSE_TMA=1); the pointer kernel must not run
+    monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
+    monkeypatch.setattr(triton_attention, "_fwd_kernel", None)
+    b, h, lq, lk, d, bq, bk, density = case
+    q, k, v = _qkv(b, h, lq, lk, d, torch.float32)
+    mask = _random_mask(b, h, lq, lk, bq, bk, density)
+    _check_against_reference(q, k, v, mask, tol=1e-5)
+
+
+def test_tma_forward_bnhd_layout_and_empty_rows(monkeypatch):
+    monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
+    monkeypatch.setattr(triton_attention, "_fwd_kernel", None)
+    q, k, v = _qkv(2, 2, 160, 192, 32, torch.float16, layout="bnhd")
+    mask = _random_mask(2, 2, 160, 192, 32, 32, 0.4)
+    dense = mask.dense.clone()
+    dense[1, 0, 2] = False  # a query block that keeps nothing: o = 0, lse = -inf
+    mask = BlockMask.from_dense(dense, block_q=32, block_k=32, q_len=160, k_len=192)
+    _check_against_reference(q, k, v, mask, tol=3e-3, layout="bnhd", scale=0.2)
+    o, lse, _, _ = _run(q, k, v, mask, "triton", layout="bnhd", scale=0.2)
+    assert torch.all(o[1, 64:96, 0] == 0) and torch.all(torch.isneginf(lse[1, 0, 64:96]))
+
+
+def test_tma_is_skipped_for_misaligned_strides(monkeypatch):
+    monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
+    q, k, v = _qkv(1, 1, 64, 64, 12, torch.float16)  # 12 x 2 bytes per row: not 16-byte aligned
+    assert not triton_attention._tma_ok(q, k, v, q, 16)
+    q, k, v = _qkv(1, 1, 64, 64, 16, torch.float16)
+    assert triton_attention._tma_ok(q, k, v, q, 16) == (q.is_cuda or triton_attention._INTERPRET)
+
 def test_bnhd_layout_and_broadcast_mask():
     q, k, v = _qkv(2, 3, 160, 160, 32, torch.float32, layout="bnhd")
     mask = _random_mask(1, 3, 160, 160, 32, 32, 0.4)  # batch-broadcast mask
@@ -197,6 +228,16 @@ def test_gpu_low_precision_matches_reference(case, dtype):
     mask = _random_mask(b, h, lq, lk, bq, bk, density, device="cuda")
     _check_against_reference(q, k, v, mask, tol=2e-2 if dtype == torch.bfloat16 else 5e-3)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["1", "ws"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_tma_forward_matches_reference(case, mode, monkeypatch):
+    monkeypatch.setattr(triton_attention, "TMA_MODE", mode)
+    b, h, lq, lk, d, bq, bk, density = case
+    q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda")
+    mask = _random_mask(b, h, lq, lk, bq, bk, density, device="cuda")
+    _check_against_reference(q, k, v, mask, tol=2e-2)
 
 @pytest.mark.gpu
 def test_gpu_large_offsets_do_not_overflow():

@@ -5,6 +5,10 @@ Kernels (plain pointer arithmetic; block pointers are gone in Triton 3.9):
 * ``_fwd_kernel``: one program per (query tile, batch*head). It walks only the key blocks listed
   in the mask's index table for its query block, with an exp2 online softmax, and writes O and
   the natural-log LSE.
+* ``_fwd_tma_kernel``: the same forward with Q, K, V and O moved by TMA tensor descriptors
+  (optionally warp-specialised); opt-in with ``VIDSPARSE_TMA=1`` (or ``ws``) until it has been
+  timed against ``_fwd_kernel`` on a GPU (``benchmarks/fwd_variants.py``). Tested under the
+  interpreter like the others.
 * ``_bwd_delta_kernel``: delta = rowsum(O * dO), in fp32.
 * ``_bwd_dkdv_kernel``: one program per (key tile, batch*head), walking the query blocks that keep
   its key block (the mask's transposed table); accumulates dK and dV. Deterministic, no atomics.
@@ -180,6 +184,62 @@ def _fwd_kernel(
     else:
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     tl.store(lse_ptrs, lse, mask=m_valid)
+
+
+
+# TMA variant of the forward (opt-in with VIDSPARSE_TMA=1 until it is measured on a GPU): Q, K, V
+# and O move through tensor descriptors, so no per-element pointer tensors occupy registers (the
+# pointer kernel above needs 186 per thread, which caps it at one CTA per SM); out-of-range rows
+# of a ragged tail load as zeros. WARP_SPEC asks Triton to warp-specialise the key loop.
+@triton.autotune(configs=_configs(_FWD_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_K", "WARP_SPEC"])
+@triton.jit
+def _fwd_tma_kernel(
+    q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT,
+    slb, slh,
+    sib, sih, sim, sit,
+    scb, sch, scm,
+    H, q_len, k_len, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_K: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    row = start_m // BLOCK_Q
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    idx_base = KV_IDX + b.to(tl.int64) * sib + h.to(tl.int64) * sih + row.to(tl.int64) * sim
+    cnt = tl.load(KV_CNT + b.to(tl.int64) * scb + h.to(tl.int64) * sch + row * scm)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t in tl.range(0, cnt * (BLOCK_K // BLOCK_N), warp_specialize=WARP_SPEC):
+        j = tl.load(idx_base + (t // (BLOCK_K // BLOCK_N)) * sit)
+        start_n = j * BLOCK_K + (t % (BLOCK_K // BLOCK_N)) * BLOCK_N
+        kk = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        vv = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(kk)) * qk_scale
+        if not EVEN_K:
+            s = tl.where((start_n + offs_n)[None, :] < k_len, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+        m_i = m_new
+
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_desc.store([b, h, start_m, 0], o.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + start_m + offs_m, lse, mask=(start_m + offs_m) < q_len)
 
 
 @triton.jit
@@ -361,6 +421,29 @@ def _table(idx: torch.Tensor, cnt: torch.Tensor, b: int, h: int):
     return idx.expand(b, h, -1, -1), cnt.expand(b, h, -1)
 
 
+# "1": the forward uses _fwd_tma_kernel where it can; "ws": also warp-specialised; else pointers.
+TMA_MODE = os.environ.get("VIDSPARSE_TMA", "0")
+
+
+def _tma_ok(q, k, v, o, block_d: int) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and strides and a unit last stride."""
+    if TMA_MODE not in ("1", "ws") or block_d > 128:
+        return False
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) and not (_INTERPRET and q.dtype != torch.float64):
+        return False
+    for t in (q, k, v, o):
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor, rows: int, block_d: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+
+
 def _forward(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, scale: float):
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -368,6 +451,15 @@ def _forward(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, scale: float):
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     kv_idx, kv_cnt = _table(kv_idx, kv_cnt, b, h)
     bm, bn, bd = _tiles(block_q, block_k, d, backward=False)
+    if _tma_ok(q, k, v, o, bd):
+        _fwd_tma_kernel[(triton.cdiv(lq, bm), b * h)](
+            _descriptor(q, bm, bd), _descriptor(k, bn, bd), _descriptor(v, bn, bd), _descriptor(o, bm, bd),
+            lse, kv_idx, kv_cnt, lse.stride(0), lse.stride(1), *_strides4(kv_idx), *kv_cnt.stride(),
+            h, lq, lk, scale * _LOG2E,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            EVEN_K=lk % bn == 0, WARP_SPEC=TMA_MODE == "ws",
+        )
+        return o, lse
     grid = (triton.cdiv(lq, bm), b * h)
     _fwd_kernel[grid](
         q, k, v, o, lse, kv_idx, kv_cnt,
