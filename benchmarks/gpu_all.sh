@@ -3,6 +3,7 @@
 #   TESTS=1      kernel + flex tests in bf16/fp16 on the GPU (default config, no autotuning)
 #   BENCH=1      `vidsparse bench attention` at the Wan2.1-1.3B 480p shape
 #   BENCH_14B=1  the same at the Wan2.1-14B 720p shape (fewer sparsities, no flex)
+#   VARIANTS=1   benchmarks/kernel_variants.py: pointer vs TMA (vs warp-specialised) kernels, same run
 #   WAN_STEP=1   one Wan2.1-1.3B denoising step, dense vs vidsparse (needs .whl with diffusers)
 #   WAN14_LAYERS=N  also the 14B step with N layers
 # Logs and JSON go to $OUT.
@@ -17,6 +18,10 @@ fi
 if [ -n "${BENCH:-}" ]; then
   python3 -m vidsparse.cli bench attention --out "$OUT/bench_wan1.3b.json" 2>&1 > "$OUT/bench_wan1.3b.log"
   tail -16 "$OUT/bench_wan1.3b.log"
+fi
+if [ -n "${VARIANTS:-}" ]; then
+  python3 benchmarks/kernel_variants.py --out "$OUT/kernel_variants.json" > "$OUT/kernel_variants.log" 2>&1
+  tail -9 "$OUT/kernel_variants.log"
 fi
 if [ -n "${BENCH_14B:-}" ]; then
   python3 -m vidsparse.cli bench attention --shape wan14b-720p --sparsities 0,0.95 --rep-ms 200 --no-flex \

@@ -82,19 +82,22 @@ def test_triton_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("case", CPU_CASES)
-def test_tma_forward_matches_reference(case, monkeypatch):
-    # the opt-in tensor-descriptor forward (VIDSPARSE_TMA=1); the pointer kernel must not run
+def test_tma_kernels_match_reference(case, monkeypatch):
+    # the opt-in tensor-descriptor forward and dK/dV pass (VIDSPARSE_TMA=1); the pointer kernels
+    # they replace must not run
     monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
     monkeypatch.setattr(triton_attention, "_fwd_kernel", None)
+    monkeypatch.setattr(triton_attention, "_bwd_dkdv_kernel", None)
     b, h, lq, lk, d, bq, bk, density = case
     q, k, v = _qkv(b, h, lq, lk, d, torch.float32)
     mask = _random_mask(b, h, lq, lk, bq, bk, density)
     _check_against_reference(q, k, v, mask, tol=1e-5)
 
 
-def test_tma_forward_bnhd_layout_and_empty_rows(monkeypatch):
+def test_tma_kernels_bnhd_layout_and_empty_rows(monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
     monkeypatch.setattr(triton_attention, "_fwd_kernel", None)
+    monkeypatch.setattr(triton_attention, "_bwd_dkdv_kernel", None)
     q, k, v = _qkv(2, 2, 160, 192, 32, torch.float16, layout="bnhd")
     mask = _random_mask(2, 2, 160, 192, 32, 32, 0.4)
     dense = mask.dense.clone()
@@ -232,7 +235,7 @@ def test_gpu_low_precision_matches_reference(case, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["1", "ws"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_tma_forward_matches_reference(case, mode, monkeypatch):
+def test_gpu_tma_kernels_match_reference(case, mode, monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA_MODE", mode)
     b, h, lq, lk, d, bq, bk, density = case
     q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda")

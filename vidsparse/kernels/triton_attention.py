@@ -1,18 +1,21 @@
 """Triton block-sparse FlashAttention: forward, backward, autograd and a torch.library custom op.
 
-Kernels (plain pointer arithmetic; block pointers are gone in Triton 3.9):
+Kernels (pointer arithmetic, or TMA tensor descriptors in the opt-in variants; block pointers
+are gone in Triton 3.9):
 
 * ``_fwd_kernel``: one program per (query tile, batch*head). It walks only the key blocks listed
   in the mask's index table for its query block, with an exp2 online softmax, and writes O and
   the natural-log LSE.
 * ``_fwd_tma_kernel``: the same forward with Q, K, V and O moved by TMA tensor descriptors
   (optionally warp-specialised); opt-in with ``VIDSPARSE_TMA=1`` (or ``ws``) until it has been
-  timed against ``_fwd_kernel`` on a GPU (``benchmarks/fwd_variants.py``). Tested under the
+  timed against ``_fwd_kernel`` on a GPU (``benchmarks/kernel_variants.py``). Tested under the
   interpreter like the others.
 * ``_bwd_delta_kernel``: delta = rowsum(O * dO), in fp32.
 * ``_bwd_dkdv_kernel``: one program per (key tile, batch*head), walking the query blocks that keep
   its key block (the mask's transposed table); accumulates dK and dV. Deterministic, no atomics.
 * ``_bwd_dq_kernel``: one program per (query tile, batch*head), walking the kept key blocks.
+* ``_bwd_dkdv_tma_kernel``: the dK/dV pass through tensor descriptors, opt-in like
+  ``_fwd_tma_kernel``.
 
 The mask's block shape is honoured whatever the kernel tile: a tile of BLOCK_M query rows always
 lies inside one mask row (BLOCK_M divides block_q) and a mask block of block_k keys is processed
@@ -332,6 +335,57 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
+# TMA variant of the dK/dV pass (opt-in with the forward's VIDSPARSE_TMA): 32 query rows per
+# step, the shape the sweep of docs/results.md §2d found fastest for the pointer kernel.
+_DKDV_TMA_OPTIONS = [({}, 4, 1), ({}, 4, 2), ({}, 8, 1), ({}, 4, 3)]
+
+
+@triton.autotune(configs=_configs(_DKDV_TMA_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D"])
+@triton.jit
+def _bwd_dkdv_tma_kernel(
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, Q_IDX, Q_CNT,
+    sib, sih, sim, sit,
+    scb, sch, scm,
+    H, q_len, qk_scale, sm_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    SUBS: tl.constexpr = BLOCK_Q // BLOCK_M
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_n = pid_n * BLOCK_N
+    col = start_n // BLOCK_K
+    offs_m = tl.arange(0, BLOCK_M)
+
+    k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    row_base = pid_bh.to(tl.int64) * q_len  # LSE and DELTA are (B*H, q_len) contiguous
+    idx_base = Q_IDX + b.to(tl.int64) * sib + h.to(tl.int64) * sih + col.to(tl.int64) * sim
+    cnt = tl.load(Q_CNT + b.to(tl.int64) * scb + h.to(tl.int64) * sch + col * scm)
+
+    for t in tl.range(0, cnt * SUBS):
+        i = tl.load(idx_base + (t // SUBS) * sit)
+        start_m = i * BLOCK_Q + (t % SUBS) * BLOCK_M
+        q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        m_valid = (start_m + offs_m) < q_len
+        # rows past the end load as zeros; lse = +inf makes their p exactly 0
+        lse2 = tl.load(LSE + row_base + start_m + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + start_m + offs_m, mask=m_valid, other=0.0)
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk)
+
+    dk_desc.store([b, h, start_n, 0], (dk * sm_scale).to(dk_desc.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+    dv_desc.store([b, h, start_n, 0], dv.to(dv_desc.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+
+
+
 @triton.autotune(configs=_configs(_DQ_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE"])
 @triton.jit
 def _bwd_dq_kernel(
@@ -426,7 +480,8 @@ TMA_MODE = os.environ.get("VIDSPARSE_TMA", "0")
 
 
 def _tma_ok(q, k, v, o, block_d: int) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and strides and a unit last stride."""
+    """Whether the TMA kernels may take these four tensors: the mode is on, the dtype suits,
+    and tensor descriptors get 16-byte aligned bases and strides and a unit last stride."""
     if TMA_MODE not in ("1", "ws") or block_d > 128:
         return False
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) and not (_INTERPRET and q.dtype != torch.float64):
@@ -489,12 +544,21 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
     kv_idx, kv_cnt = _table(kv_idx, kv_cnt, b, h)
     common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee)
     # dK/dV are written with k's/v's strides (torch.empty_like keeps them)
-    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
-        q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt,
-        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
-        *_strides4(q_idx), *q_cnt.stride(),
-        h, lq, lk, d, scale * _LOG2E, scale, **common,
-    )
+    if _tma_ok(q, k, v, do, bd) and _tma_ok(dk, dv, dk, dk, bd):
+        sub = min(32, block_q)
+        _bwd_dkdv_tma_kernel[(triton.cdiv(lk, bn), b * h)](
+            _descriptor(q, sub, bd), _descriptor(k, bn, bd), _descriptor(v, bn, bd), _descriptor(do, sub, bd),
+            _descriptor(dk, bn, bd), _descriptor(dv, bn, bd), lse, delta, q_idx, q_cnt,
+            *_strides4(q_idx), *q_cnt.stride(), h, lq, scale * _LOG2E, scale,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=sub, BLOCK_N=bn, BLOCK_D=bd,
+        )
+    else:
+        _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
+            q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt,
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
+            *_strides4(q_idx), *q_cnt.stride(),
+            h, lq, lk, d, scale * _LOG2E, scale, **common,
+        )
     _bwd_dq_kernel[lambda meta: (triton.cdiv(lq, min(meta["SUB_M"], block_q)), b * h)](
         q, k, v, do, lse, delta, dq, kv_idx, kv_cnt,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
