@@ -233,14 +233,15 @@ def test_gpu_low_precision_matches_reference(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("mode", ["1", "ws"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_tma_kernels_match_reference(case, mode, monkeypatch):
+def test_gpu_tma_kernels_match_reference(case, mode, layout, monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA_MODE", mode)
     b, h, lq, lk, d, bq, bk, density = case
-    q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda")
+    q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda", layout=layout)
     mask = _random_mask(b, h, lq, lk, bq, bk, density, device="cuda")
-    _check_against_reference(q, k, v, mask, tol=2e-2)
+    _check_against_reference(q, k, v, mask, tol=2e-2, layout=layout)
 
 @pytest.mark.gpu
 def test_gpu_large_offsets_do_not_overflow():
