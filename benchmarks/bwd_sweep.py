@@ -94,14 +94,15 @@ class Backward:
         self.common = dict(BLOCK_Q=bq, BLOCK_K=bk, BLOCK_N=bn, BLOCK_D=bd, IEEE=q.dtype == torch.float32)
         tail = (h, lq, lk, d, scale * ta._LOG2E, scale)
         strides = (*s4(q), *s4(k), *s4(v), *s4(do))
-        # name: (autotuner, grid, positional args); the dQ grid depends on SUB_M, as in _backward
+        # name: (autotuner, grid, positional args, extra meta); the dQ grid depends on SUB_M, as in
+        # _backward; the dK/dV pass runs without its opt-in fused dQ (its dQ argument is untouched)
         self.kernels = {
             "dkdv": (ta._bwd_dkdv_kernel, (triton.cdiv(lk, bn), b * h),
-                     (q, k, v, do, lse, self.delta, self.dk, self.dv, q_idx, q_cnt,
-                      *strides, *s4(q_idx), *q_cnt.stride(), *tail)),
+                     (q, k, v, do, lse, self.delta, self.dk, self.dv, q_idx, q_cnt, self.dq,
+                      *strides, *s4(q_idx), *q_cnt.stride(), *tail), {"FUSED_DQ": False}),
             "dq": (ta._bwd_dq_kernel, lambda meta: (triton.cdiv(lq, min(meta["SUB_M"], bq)), b * h),
                    (q, k, v, do, lse, self.delta, self.dq, kv_idx, kv_cnt,
-                    *strides, *s4(kv_idx), *kv_cnt.stride(), *tail)),
+                    *strides, *s4(kv_idx), *kv_cnt.stride(), *tail), {}),
         }
 
     def run_delta(self):
@@ -109,13 +110,13 @@ class Backward:
         self.ta._bwd_delta_kernel[grid](*args, **meta)
 
     def autotuned(self, name):
-        tuner, grid, args = self.kernels[name]
-        tuner[grid](*args, **self.common)
+        tuner, grid, args, extra = self.kernels[name]
+        tuner[grid](*args, **self.common, **extra)
 
     def forced(self, name, sub_m, warps, stages, *, warmup=False):
         """One config, bypassing the Autotuner: its JIT function with meta and launch options."""
-        tuner, grid, args = self.kernels[name]
-        kw = dict(self.common, SUB_M=sub_m, num_warps=warps, num_stages=stages)
+        tuner, grid, args, extra = self.kernels[name]
+        kw = dict(self.common, **extra, SUB_M=sub_m, num_warps=warps, num_stages=stages)
         if warmup:
             return tuner.fn.warmup(*args, grid=grid, **kw)
         return tuner.fn[grid](*args, **kw)

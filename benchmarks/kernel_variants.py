@@ -1,10 +1,11 @@
 """A/B of the kernel variants at the Wan2.1-1.3B shape, in one process on one GPU.
 
-Variants (``vidsparse.kernels.triton_attention.TMA_MODE``):
+Variants (``vidsparse.kernels.triton_attention.TMA_MODE`` and ``FUSED_DQ``):
 
-* ``0``  - the default pointer-arithmetic kernels;
-* ``1``  - ``_fwd_tma_kernel`` and ``_bwd_dkdv_tma_kernel``: tensors through TMA descriptors;
-* ``ws`` - the same with Triton's warp specialisation of the forward's key loop.
+* ``ptr``   - the default pointer-arithmetic kernels;
+* ``tma``   - ``_fwd_tma_kernel`` and ``_bwd_dkdv_tma_kernel``: tensors through TMA descriptors;
+* ``tma-ws`` - the same with Triton's warp specialisation of the forward's key loop;
+* ``fused`` - pointer kernels, dQ added with fp32 atomics inside the dK/dV pass (no dQ pass).
 
 For each sparsity it builds one Top-k mask (k = 1 - sparsity, as ``vidsparse bench attention``
 does), checks every variant's O, LSE, dQ, dK and dV against the pointer kernels' (bf16: relative
@@ -31,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 
-MODES = ("0", "1", "ws")
+MODES = {"ptr": ("0", False), "tma": ("1", False), "tma-ws": ("ws", False), "fused": ("0", True)}
 
 
 def main() -> int:
@@ -68,12 +69,12 @@ def main() -> int:
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         mask = fused_hybrid_block_mask(q, k, topk=max(1e-6, 1.0 - sparsity), topp=None, block_q=128, block_k=64)
         achieved = float(mask.sparsity())
-        ta.TMA_MODE = "0"
+        ta.TMA_MODE, ta.FUSED_DQ = "0", False
         with torch.no_grad():
             o_ref, lse_ref = vidsparse.block_sparse_attention(q, k, v, mask, backend="triton", return_lse=True)
         grads_ref = fwd_bwd(mask)
-        for mode in MODES:
-            ta.TMA_MODE = mode
+        for mode, (tma, fused) in MODES.items():
+            ta.TMA_MODE, ta.FUSED_DQ = tma, fused
             row = {"sparsity": achieved, "mode": mode}
             try:
                 with torch.no_grad():
@@ -92,13 +93,13 @@ def main() -> int:
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             rows.append(row)
             print(row, flush=True)
-    ta.TMA_MODE = "0"
+    ta.TMA_MODE, ta.FUSED_DQ = "0", False
 
     print(f"\n{card} | torch {torch.__version__} | triton {triton.__version__} | bf16 B={b} H={h} N={n} D={d} "
           f"| 128x64 blocks | cuDNN dense fwd {cudnn_ms:.3f} ms")
     print(f"{'sparsity':>8}  {'variant':<8} {'fwd ms':>8} {'speed-up':>8} {'fwd+bwd ms':>10} {'speed-up':>8}  check")
     for row in rows:
-        base = next(r for r in rows if r["sparsity"] == row["sparsity"] and r["mode"] == "0")
+        base = next(r for r in rows if r["sparsity"] == row["sparsity"] and r["mode"] == "ptr")
         cells = []
         for key in ("fwd_ms", "fwd_bwd_ms"):
             ms, ms0 = row.get(key), base.get(key)

@@ -94,6 +94,16 @@ def test_tma_kernels_match_reference(case, monkeypatch):
     _check_against_reference(q, k, v, mask, tol=1e-5)
 
 
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_fused_dq_matches_reference(case, monkeypatch):
+    # dQ by fp32 atomics inside the dK/dV pass (VIDSPARSE_FUSED_DQ=1); the dQ pass must not run
+    monkeypatch.setattr(triton_attention, "FUSED_DQ", True)
+    monkeypatch.setattr(triton_attention, "_bwd_dq_kernel", None)
+    b, h, lq, lk, d, bq, bk, density = case
+    q, k, v = _qkv(b, h, lq, lk, d, torch.float32, layout="bnhd")
+    mask = _random_mask(b, h, lq, lk, bq, bk, density)
+    _check_against_reference(q, k, v, mask, tol=1e-5, layout="bnhd")
+
 def test_tma_kernels_bnhd_layout_and_empty_rows(monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
     monkeypatch.setattr(triton_attention, "_fwd_kernel", None)
@@ -242,6 +252,15 @@ def test_gpu_tma_kernels_match_reference(case, mode, layout, monkeypatch):
     q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda", layout=layout)
     mask = _random_mask(b, h, lq, lk, bq, bk, density, device="cuda")
     _check_against_reference(q, k, v, mask, tol=2e-2, layout=layout)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_fused_dq_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(triton_attention, "FUSED_DQ", True)
+    b, h, lq, lk, d, bq, bk, density = case
+    q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda")
+    mask = _random_mask(b, h, lq, lk, bq, bk, density, device="cuda")
+    _check_against_reference(q, k, v, mask, tol=2e-2)
 
 @pytest.mark.gpu
 def test_gpu_large_offsets_do_not_overflow():

@@ -13,6 +13,9 @@ are gone in Triton 3.9):
 * ``_bwd_delta_kernel``: delta = rowsum(O * dO), in fp32.
 * ``_bwd_dkdv_kernel``: one program per (key tile, batch*head), walking the query blocks that keep
   its key block (the mask's transposed table); accumulates dK and dV. Deterministic, no atomics.
+  Opt-in (``VIDSPARSE_FUSED_DQ=1``, pending a GPU measurement): it also adds each tile's share of
+  dQ with fp32 atomics (5 matrix products per block pair instead of 7; dQ no longer bit-exact run
+  to run), and the dQ pass is skipped.
 * ``_bwd_dq_kernel``: one program per (query tile, batch*head), walking the kept key blocks.
 * ``_bwd_dkdv_tma_kernel``: the dK/dV pass through tensor descriptors, opt-in like
   ``_fwd_tma_kernel``.
@@ -266,10 +269,10 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs, delta, mask=offs < q_len)
 
 
-@triton.autotune(configs=_configs(_DKDV_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE"])
+@triton.autotune(configs=_configs(_DKDV_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE", "FUSED_DQ"])
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, DQ32,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -278,9 +281,12 @@ def _bwd_dkdv_kernel(
     scb, sch, scm,
     H, q_len, k_len, head_dim, qk_scale, sm_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):
-    # SUB_M query rows per step (capped by the mask's block_q)
+    # SUB_M query rows per step (capped by the mask's block_q). FUSED_DQ: also add this key
+    # tile's share of dQ into DQ32 ((B*H, q_len, BLOCK_D) float32, zeroed) with atomics, so the
+    # dQ pass is skipped (opt-in: VIDSPARSE_FUSED_DQ=1).
     BLOCK_M: tl.constexpr = SUB_M if SUB_M < BLOCK_Q else BLOCK_Q
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -327,6 +333,10 @@ def _bwd_dkdv_kernel(
             dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
             dst = pt * (dpt - delta[None, :])
             dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, IEEE)
+            if FUSED_DQ:
+                dq = _dot(tl.trans(dst.to(k.dtype)), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), IEEE)
+                dq_ptrs = DQ32 + (row_base + start_m + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq * sm_scale, mask=m_valid[:, None] & d_valid[None, :], sem="relaxed")
 
     dk = dk * sm_scale
     dk_ptrs = DK + b * skb + h * skh + start_n.to(tl.int64) * skn + offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -477,6 +487,8 @@ def _table(idx: torch.Tensor, cnt: torch.Tensor, b: int, h: int):
 
 # "1": the forward uses _fwd_tma_kernel where it can; "ws": also warp-specialised; else pointers.
 TMA_MODE = os.environ.get("VIDSPARSE_TMA", "0")
+# dQ accumulated by the dK/dV pass with fp32 atomics instead of its own pass (pointer kernels).
+FUSED_DQ = os.environ.get("VIDSPARSE_FUSED_DQ", "0") == "1"
 
 
 def _tma_ok(q, k, v, o, block_d: int) -> bool:
@@ -552,12 +564,22 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
             *_strides4(q_idx), *q_cnt.stride(), h, lq, scale * _LOG2E, scale,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=sub, BLOCK_N=bn, BLOCK_D=bd,
         )
-    else:
+    elif FUSED_DQ:
+        dq32 = torch.zeros(b * h, lq, bd, dtype=torch.float32, device=q.device)
         _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
-            q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt,
+            q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, dq32,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
             *_strides4(q_idx), *q_cnt.stride(),
-            h, lq, lk, d, scale * _LOG2E, scale, **common,
+            h, lq, lk, d, scale * _LOG2E, scale, FUSED_DQ=True, **common,
+        )
+        dq.copy_(dq32[..., :d].unflatten(0, (b, h)))
+        return dq, dk, dv
+    else:
+        _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
+            q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, dq,  # dq is not touched without FUSED_DQ
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
+            *_strides4(q_idx), *q_cnt.stride(),
+            h, lq, lk, d, scale * _LOG2E, scale, FUSED_DQ=False, **common,
         )
     _bwd_dq_kernel[lambda meta: (triton.cdiv(lq, min(meta["SUB_M"], block_q)), b * h)](
         q, k, v, do, lse, delta, dq, kv_idx, kv_cnt,
