@@ -192,7 +192,6 @@ def _fwd_kernel(
     tl.store(lse_ptrs, lse, mask=m_valid)
 
 
-
 # TMA variant of the forward (opt-in with VIDSPARSE_TMA=1 until it is measured on a GPU): Q, K, V
 # and O move through tensor descriptors, so no per-element pointer tensors occupy registers (the
 # pointer kernel above needs 186 per thread, which caps it at one CTA per SM); out-of-range rows
@@ -395,7 +394,6 @@ def _bwd_dkdv_tma_kernel(
     dv_desc.store([b, h, start_n, 0], dv.to(dv_desc.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
 
 
-
 @triton.autotune(configs=_configs(_DQ_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE"])
 @triton.jit
 def _bwd_dq_kernel(
@@ -564,23 +562,18 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
             *_strides4(q_idx), *q_cnt.stride(), h, lq, scale * _LOG2E, scale,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=sub, BLOCK_N=bn, BLOCK_D=bd,
         )
-    elif FUSED_DQ:
-        dq32 = torch.zeros(b * h, lq, bd, dtype=torch.float32, device=q.device)
+    else:
+        # with FUSED_DQ the pass also accumulates dQ (float32, zeroed); without, it never touches dq
+        dq32 = torch.zeros(b * h, lq, bd, dtype=torch.float32, device=q.device) if FUSED_DQ else dq
         _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
             q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, dq32,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
             *_strides4(q_idx), *q_cnt.stride(),
-            h, lq, lk, d, scale * _LOG2E, scale, FUSED_DQ=True, **common,
+            h, lq, lk, d, scale * _LOG2E, scale, FUSED_DQ=FUSED_DQ, **common,
         )
-        dq.copy_(dq32[..., :d].unflatten(0, (b, h)))
-        return dq, dk, dv
-    else:
-        _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
-            q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, dq,  # dq is not touched without FUSED_DQ
-            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
-            *_strides4(q_idx), *q_cnt.stride(),
-            h, lq, lk, d, scale * _LOG2E, scale, FUSED_DQ=False, **common,
-        )
+        if FUSED_DQ:
+            dq.copy_(dq32[..., :d].unflatten(0, (b, h)))
+            return dq, dk, dv
     _bwd_dq_kernel[lambda meta: (triton.cdiv(lq, min(meta["SUB_M"], block_q)), b * h)](
         q, k, v, do, lse, delta, dq, kv_idx, kv_cnt,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
