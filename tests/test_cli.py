@@ -20,3 +20,22 @@ def test_unknown_command_is_an_error(capsys):
 def test_demo_rejects_bad_sizes():
     with pytest.raises(SystemExit):
         main(["demo", "--frames", "0"])
+
+
+def test_info_names_opt_in_kernel_variants(capsys, monkeypatch):
+    monkeypatch.setenv("VIDSPARSE_TMA", "ws")
+    monkeypatch.delenv("VIDSPARSE_FUSED_DQ", raising=False)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "VIDSPARSE_TMA=ws" in out and "VIDSPARSE_FUSED_DQ" not in out
+
+
+def test_bad_kernel_variant_variable_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VIDSPARSE_TMA="yes", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", "import vidsparse.kernels.triton_attention"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "VIDSPARSE_TMA must be one of" in proc.stderr

@@ -28,6 +28,11 @@ def _cmd_info(argv: list[str]) -> int:
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter (slow; no bf16)")
+    # opt-in kernel variants (vidsparse/kernels/triton_attention.py), not yet the measured default
+    for var, what in (("VIDSPARSE_TMA", "TMA tensor-descriptor forward and dK/dV kernels ('ws': warp-specialised)"),
+                      ("VIDSPARSE_FUSED_DQ", "dQ accumulated inside the dK/dV pass with atomics")):
+        if os.environ.get(var, "0") not in ("", "0"):
+            print(f"{var}={os.environ[var]}: {what}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

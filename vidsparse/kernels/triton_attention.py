@@ -484,9 +484,12 @@ def _table(idx: torch.Tensor, cnt: torch.Tensor, b: int, h: int):
 
 
 # "1": the forward uses _fwd_tma_kernel where it can; "ws": also warp-specialised; else pointers.
-TMA_MODE = os.environ.get("VIDSPARSE_TMA", "0")
+TMA_MODE = os.environ.get("VIDSPARSE_TMA", "0") or "0"
 # dQ accumulated by the dK/dV pass with fp32 atomics instead of its own pass (pointer kernels).
-FUSED_DQ = os.environ.get("VIDSPARSE_FUSED_DQ", "0") == "1"
+FUSED_DQ = (os.environ.get("VIDSPARSE_FUSED_DQ", "0") or "0") == "1"
+for _var, _allowed in (("VIDSPARSE_TMA", ("0", "1", "ws")), ("VIDSPARSE_FUSED_DQ", ("0", "1"))):
+    if (os.environ.get(_var, "0") or "0") not in _allowed:
+        raise ValueError(f"environment variable {_var} must be one of {_allowed}, got {os.environ[_var]!r}")
 
 
 def _tma_ok(q, k, v, o, block_d: int) -> bool:
