@@ -119,6 +119,21 @@ def test_samples_against_dense_reference():
     assert a.abs().max() <= 1.0 and not is_patched(model)
 
 
+def test_shape_accuracy_of_samples():
+    from vidsparse.evaluate import _single_object_inputs
+    from vidsparse.models.shape_classifier import single_object
+
+    model = _mini_model()
+    kw = dict(clips=1, num_t=1, samples=0, sample_steps=2, guidance_scale=1.0, shift=1.0, data=DATA)
+    r = evaluate_variant(model, None, shape_samples=3, **kw)
+    assert r["shape_samples"] == 3 and r["shape_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert evaluate_variant(model, None, shape_samples=3, **kw)["shape_accuracy"] == r["shape_accuracy"]
+    assert evaluate_variant(model, None, **kw)["shape_accuracy"] is None
+    cond, emb, noise = _single_object_inputs(3, split="val", seed=0, data=DATA, device="cpu")
+    assert bool(single_object(cond).all()) and emb.shape[0] == noise.shape[0] == 3
+    with pytest.raises(ValueError, match="shape_samples"):
+        evaluate_variant(model, None, shape_samples=-1, **kw)
+
 def test_shipped_model_beats_an_untrained_one():
     # full 16x64x64 geometry (4096 tokens); 2 clips at t = 0.5 keep it to one small batch per model
     kw = dict(clips=2, num_t=1, batch_size=2)
@@ -142,12 +157,13 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     model_dir = _save_mini(tmp_path)
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(model_dir), "--frames", "4", "--size", "16", "--block-q", "16", "--block-k", "16",
-            "--clips", "2", "--num-t", "2", "--samples", "1", "--steps", "2", "--device", "cpu", "--no-progress",
+            "--clips", "2", "--num-t", "2", "--samples", "1", "--steps", "2", "--shape-samples", "0",
+            "--device", "cpu", "--no-progress",
             "--setting", "k25:topk=0.25,topp=none", "--setting", "p50:topk=none,topp=0.5",
             "--json", str(out)]
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
-    assert "Δ vs dense %" in text and "k25" in text
+    assert "Δ vs dense %" in text and "k25" in text and "shape acc" in text
     payload = json.loads(out.read_text())
     assert set(payload) >= {"model", "reference", "device", "versions", "settings", "results"}
     assert payload["model"] == str(model_dir) and payload["device"] == "cpu"
@@ -235,6 +251,7 @@ def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
         (["--block-q", "100"], "--block-q"),
         (["--model", "/nonexistent/model"], "--model /nonexistent/model: no diffusers model"),
         (["--clips", "0"], "--clips must be >= 1"),
+        (["--shape-samples", "-2"], "--shape-samples must be >= 0"),
         (["--backend", "cuda"], "--backend must be auto or one of"),
         (["--device", "gpu0"], "--device must be auto, cpu, cuda or cuda:N"),
     ],

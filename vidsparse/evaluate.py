@@ -11,6 +11,9 @@ Two numbers per attention setting (dense, or a :class:`vidsparse.SparseConfig`):
   clips of the split) and the same initial noise are sampled with the setting and with the dense
   *reference* model; identical videos give PSNR = inf and SSIM = 1. For a distilled student the
   reference is the original dense model (``--reference``).
+* optionally, **shape accuracy** (``shape_samples``): single-object conditions are sampled and
+  :mod:`vidsparse.models.shape_classifier` judges whether each video shows the conditioned shape
+  (chance 0.25), a measure of whether the model draws recognisable objects at all.
 
     >>> from vidsparse import SparseConfig
     >>> from vidsparse.models import load_tiny_wan
@@ -291,6 +294,22 @@ def _sample_inputs(n: int, *, split: str, seed: int, data, device) -> tuple[torc
     return embed(cond, config=data), noise
 
 
+def _single_object_inputs(n: int, *, split: str, seed: int, data, device):
+    """The first ``n`` single-object clips of ``split`` (their shape is unambiguous): conditions,
+    embeddings and fixed initial noise (keyed by clip index, like :func:`_sample_inputs`)."""
+    from .data import embed, sample_conditions
+    from .models.shape_classifier import single_object
+
+    pool = sample_conditions(max(16, 8 * n), seed=seed, split=split, config=data, device=device)
+    idx = torch.nonzero(single_object(pool)).flatten()[:n]
+    if len(idx) < n:
+        raise ValueError(f"shape_samples={n}: only {len(idx)} single-object clips among the first {len(pool)}")
+    cond = pool[idx]
+    shape = (3, data.frames, data.size, data.size)
+    noise = torch.stack([_noise(shape, _STREAM_SAMPLES, seed, int(c)) for c in idx]).to(device)
+    return cond, embed(cond, config=data), noise
+
+
 def _sampling_defaults(*models: torch.nn.Module) -> dict[str, float]:
     """sampling.json of the first model directory (``config._name_or_path``) that has one."""
     from .models.tiny_wan import load_sampling_defaults
@@ -320,8 +339,10 @@ def evaluate_variant(
     num_t: int = 8,
     data: "ShapesConfig | None" = None,
     cache: dict | None = None,
+    shape_samples: int = 0,
 ) -> dict:
-    """Validation loss, and PSNR / SSIM of samples against the dense reference, for one setting.
+    """Validation loss, PSNR / SSIM of samples against the dense reference and, optionally, the
+    shape accuracy of samples, for one setting.
 
     Args:
         model: the model to evaluate (unpatched), with attention setting ``sparse`` (None = dense).
@@ -335,11 +356,14 @@ def evaluate_variant(
         progress: tqdm bars.
         cache: a dict shared between calls to reuse the reference's dense samples (one CLI run
             evaluates several settings against the same dense samples).
+        shape_samples: sample this many single-object conditions and judge each video's object
+            with :func:`vidsparse.models.shape_classifier.shape_accuracy` (0 = skip).
 
     Returns:
         ``{"val_loss", "per_t", "sparsity", "layer_sparsity", "psnr", "ssim", "samples",
         "seconds", "val_seconds", "sample_seconds", "sample_sparsity", "guidance_scale",
-        "shift", "sample_steps"}``. ``psnr``/``ssim`` are means over the videos (None with
+        "shift", "sample_steps", "shape_accuracy", "shape_samples"}`` (``shape_accuracy`` None
+        without shape samples). ``psnr``/``ssim`` are means over the videos (None with
         ``samples=0``; ``inf``/1.0 for identical videos); ``seconds`` is this setting's own time
         (validation + its own sampling; reference samples taken from ``cache`` are not counted).
     """
@@ -347,6 +371,7 @@ def evaluate_variant(
 
     _check_sparse(sparse)
     _check_int("samples", samples, 0)
+    _check_int("shape_samples", shape_samples, 0)
     _check_int("sample_steps", sample_steps, 1)
     reference = model if reference is None else reference
     data = _data_config(model, data)
@@ -384,6 +409,16 @@ def evaluate_variant(
             out["sample_sparsity"] = sample_stats.get("sparsity")
         psnr, ssim = video_psnr_ssim(videos, ref)
         out.update(psnr=float(psnr.double().mean()), ssim=float(ssim.double().mean()), sample_seconds=sample_seconds)
+    out.update(shape_accuracy=None, shape_samples=shape_samples)
+    if shape_samples:
+        from .models.shape_classifier import shape_accuracy
+
+        t1 = time.perf_counter()
+        cond, emb, noise = _single_object_inputs(shape_samples, split=split, seed=seed, data=data, device=device)
+        videos = sample_videos(model, sparse, emb, noise, steps=sample_steps, guidance_scale=guidance_scale,
+                               shift=shift, progress=progress).cpu()
+        out["shape_accuracy"] = shape_accuracy(videos, cond.to("cpu"))["accuracy"]
+        out["sample_seconds"] += time.perf_counter() - t1
     out["val_seconds"] = val_seconds
     out["seconds"] = val_seconds + out["sample_seconds"]
     return out
@@ -392,9 +427,9 @@ def evaluate_variant(
 # ----------------------------------------------------------------------------------------------
 # command line
 
-_GPU_DEFAULTS = {"clips": 64, "num_t": 8, "samples": 4, "steps": 20, "batch_size": 16}
+_GPU_DEFAULTS = {"clips": 64, "num_t": 8, "samples": 4, "steps": 20, "batch_size": 16, "shape_samples": 16}
 # a default CPU run (dense + the default hybrid) stays at a few minutes on 2 cores
-_CPU_DEFAULTS = {"clips": 4, "num_t": 4, "samples": 1, "steps": 6, "batch_size": 4}
+_CPU_DEFAULTS = {"clips": 4, "num_t": 4, "samples": 1, "steps": 6, "batch_size": 4, "shape_samples": 0}
 _SETTING_KEYS = ("topk", "topp", "block_q", "block_k")
 
 
@@ -503,6 +538,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-t", type=int, default=None, help="fixed times per clip (default 8 on CUDA, 4 on CPU)")
     p.add_argument("--samples", type=int, default=None, help="sampled conditions for PSNR/SSIM, 0 = none "
                    "(default 4 on CUDA, 1 on CPU)")
+    p.add_argument("--shape-samples", type=int, default=None, help="single-object conditions sampled per setting "
+                   "and judged by the shape classifier (shape accuracy; 25%% is chance); 0 = none (default 16 on "
+                   "CUDA, 0 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps per sample (default 20 on CUDA, 8 on CPU)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's sampling.json")
     p.add_argument("--shift", type=float, default=None, help="default: the model's sampling.json")
@@ -631,8 +669,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.samples is not None and args.samples < 0:
-        parser.error(f"--samples must be >= 0, got {args.samples}")
+    for name in ("samples", "shape_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if args.seed < 0 or args.seed >= 2**32:
         parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.device == "auto":
@@ -658,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
     # the reductions that change what is measured (not the batch size; not the steps when nothing is sampled)
     reduced = [k for k in defaults if getattr(args, k) is None and defaults[k] != _GPU_DEFAULTS[k]
-               and k != "batch_size" and not (k == "steps" and run["samples"] == 0)]
+               and k != "batch_size" and not (k == "steps" and run["samples"] == 0 and run["shape_samples"] == 0)]
 
     from tqdm.auto import tqdm
 
@@ -682,6 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reference (dense) for PSNR/SSIM: {ref_dir}")
     sampled = (f"PSNR/SSIM on {run['samples']} samples x {run['steps']} Euler steps (guidance {guidance:g}, "
                f"shift {shift:g})") if run["samples"] else "no samples (PSNR/SSIM skipped)"
+    if run["shape_samples"]:
+        sampled += f"; shape accuracy on {run['shape_samples']} single-object samples"
     print(f"split {args.split!r}: val loss on {run['clips']} clips x {run['num_t']} times; {sampled}; seed {args.seed}")
     if reduced:
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
@@ -699,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model, s.config(args.backend, args.token_order), reference=reference, split=args.split, clips=run["clips"],
                 batch_size=run["batch_size"], samples=run["samples"], sample_steps=run["steps"],
                 guidance_scale=guidance, shift=shift, seed=args.seed, device=device, progress=progress,
-                num_t=run["num_t"], data=data, cache=cache,
+                num_t=run["num_t"], data=data, cache=cache, shape_samples=run["shape_samples"],
             )
             cfg = s.config(args.backend, args.token_order)
             results.append({"setting": s.name, "method": s.method, "topk": s.topk, "topp": s.topp,
@@ -713,16 +755,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         r["delta_vs_dense_pct"] = 100.0 * (r["val_loss"] - dense_loss) / dense_loss
 
     header = (f"{'setting':<14}{'method':<8}{'topk':>9}{'topp':>9}{'sparsity %':>12}{'val loss':>10}"
-              f"{'Δ vs dense %':>14}{'PSNR':>8}{'SSIM':>8}{'seconds':>9}")
+              f"{'Δ vs dense %':>14}{'PSNR':>8}{'SSIM':>8}{'shape acc':>10}{'seconds':>9}")
     print("\n" + header)
     print("-" * len(header))
     for r in results:
         sp = None if r["sparsity"] is None else 100 * r["sparsity"]
         print(f"{r['setting'][:13]:<14}{r['method']:<8}{_fmt(r['topk'], '.4g'):>9}{_fmt(r['topp'], '.4g'):>9}"
               f"{_fmt(sp, '.1f'):>12}{r['val_loss']:>10.5f}{r['delta_vs_dense_pct']:>+14.1f}"
-              f"{_fmt(r['psnr'], '.2f'):>8}{_fmt(r['ssim'], '.4f'):>8}{r['seconds']:>9.1f}")
+              f"{_fmt(r['psnr'], '.2f'):>8}{_fmt(r['ssim'], '.4f'):>8}{_fmt(r['shape_accuracy'], '.2f'):>10}"
+              f"{r['seconds']:>9.1f}")
     print("\nval loss: velocity MSE vs noise - x0 (lower is better); PSNR (dB) / SSIM: samples vs the dense "
-          "reference's samples on the same conditions and noise (dense vs itself: inf / 1)")
+          "reference's samples on the same conditions and noise (dense vs itself: inf / 1); shape acc: fraction of "
+          "single-object samples whose object the shape classifier names as conditioned (chance 0.25)")
 
     payload = {
         "command": "vidsparse eval " + " ".join(sys.argv[1:] if argv is None else list(argv)),
@@ -734,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": _versions(),
         "settings": {
             "split": args.split, "clips": run["clips"], "num_t": run["num_t"], "samples": run["samples"],
+            "shape_samples": run["shape_samples"],
             "sample_steps": run["steps"], "batch_size": run["batch_size"], "guidance_scale": guidance,
             "shift": shift, "seed": args.seed, "frames": data.frames, "size": data.size, "tokens": tokens,
             "backend": args.backend, "reduced_cpu_settings": reduced,
