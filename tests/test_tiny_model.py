@@ -235,7 +235,8 @@ def test_resume_is_exact(tmp_path):
 def test_train_exports_fp16_model_card_and_figures(tmp_path):
     from safetensors import safe_open
 
-    summary = train(_mini_train_config(tmp_path, steps=3, export=True, num_samples=1, sample_steps=2, t_shift=2.0, guidance_scale=2.5))
+    summary = train(_mini_train_config(tmp_path, steps=3, export=True, num_samples=1, shape_samples=2, sample_steps=2,
+                                       t_shift=2.0, guidance_scale=2.5))
     model_dir = tmp_path / "model"
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "MODEL_CARD.md", "samples.png", "loss_curve.png", "sampling.json"):
         assert (model_dir / name).is_file(), name
@@ -248,12 +249,13 @@ def test_train_exports_fp16_model_card_and_figures(tmp_path):
     card = (model_dir / "MODEL_CARD.md").read_text()
     assert "| steps | 3 of 3 |" in card and "fp16" in card
     assert summary["clips_seen"] == 6 and summary["val_loss_exported"] is not None
+    assert summary["shape_accuracy"] in (0.0, 0.5, 1.0) and "shape accuracy of samples" in card
     assert all(k in summary for k in ("final_train_loss", "wall_time_s", "device"))
 
 
 def test_init_from_starts_at_saved_weights(tmp_path):
     # a warm restart: the first run's exported weights are the second run's step-0 weights
-    train(_mini_train_config(tmp_path / "a", steps=2, export=True, num_samples=0, sample_steps=1))
+    train(_mini_train_config(tmp_path / "a", steps=2, export=True, num_samples=0, shape_samples=0, sample_steps=1))
     exported = load_tiny_wan(tmp_path / "a" / "model").state_dict()
     train(_mini_train_config(tmp_path / "b", steps=1, ckpt_every=1, lr=1e-12, warmup_steps=0,
                              init_from=str(tmp_path / "a" / "model")))

@@ -93,6 +93,8 @@ class TrainConfig:
             start fresh (a warm restart). The architecture must match. Ignored when resuming.
         export: write ``out/model`` (fp16 EMA, card, samples) at the end.
         num_samples, sample_steps, guidance_scale: the sample strip made at export.
+        shape_samples: single-object conditions sampled at export to measure the shape accuracy
+            (:mod:`vidsparse.models.shape_classifier`; 0 = skip).
         progress: show tqdm progress bars.
         data: the dataset geometry; ``data.text_dim`` must equal the model's ``text_dim``.
         model_overrides: changes to :func:`vidsparse.models.tiny_wan_config` (tests, ablations).
@@ -130,6 +132,7 @@ class TrainConfig:
     init_from: str | None = None
     export: bool = True
     num_samples: int = 6
+    shape_samples: int = 16
     sample_steps: int = 40
     guidance_scale: float = 2.0
     progress: bool = True
@@ -152,6 +155,7 @@ class TrainConfig:
             positive_int(name)
         positive_int("warmup_steps", 0)
         positive_int("num_samples", 0)
+        positive_int("shape_samples", 0)
         positive_int("sample_steps")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -730,6 +734,14 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
         except ImportError:
             pass
         result["sample_captions"] = captions
+    if cfg.shape_samples > 0:
+        from ..evaluate import evaluate_variant
+
+        judged = evaluate_variant(shipped, None, clips=1, num_t=1, samples=0, shape_samples=cfg.shape_samples,
+                                  sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, shift=cfg.t_shift,
+                                  seed=cfg.seed, device=device, data=cfg.data)
+        result["shape_accuracy"] = judged["shape_accuracy"]
+        result["shape_samples"] = cfg.shape_samples
 
     try:
         from .plots import save_loss_curve
@@ -831,6 +843,7 @@ Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation us
 | validation loss, raw weights | {_fmt(s['val_loss'])} |
 | validation loss, EMA weights | {_fmt(s['val_loss_ema'])} |
 | validation loss, exported fp16 weights | {_fmt(s.get('val_loss_exported'))} |
+| shape accuracy of samples (chance 0.25; `vidsparse eval --shape-samples`) | {_fmt(s.get('shape_accuracy'))} on {s.get('shape_samples', 0)} single-object conditions |
 
 The validation loss uses {cfg.eval_clips} "val" clips with fixed noise and t spread evenly over (0, 1).
 
@@ -895,6 +908,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, help="start from this saved model directory (fresh optimizer and schedule)")
     p.add_argument("--no-export", action="store_true", help="skip the fp16 export, samples and model card")
     p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--shape-samples", type=int, default=d.shape_samples,
+                   help="single-object samples judged by the shape classifier at export (0 = skip)")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     p.add_argument("--no-progress", action="store_true")
@@ -937,6 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             init_from=args.init_from,
             export=not args.no_export,
             num_samples=args.num_samples,
+            shape_samples=args.shape_samples,
             sample_steps=args.sample_steps,
             guidance_scale=args.guidance_scale,
             progress=not args.no_progress,
