@@ -54,7 +54,6 @@ def main() -> int:
     b, h, n, d = 1, args.heads, args.tokens, 128
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
-    scale = d ** -0.5
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.no_grad():
         cudnn_ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
@@ -64,6 +63,7 @@ def main() -> int:
     def fwd_bwd(mask):
         o = vidsparse.block_sparse_attention(q, k, v, mask, backend="triton")
         return torch.autograd.grad(o, (q, k, v), do)
+
     card = torch.cuda.get_device_name()
     rows = []
     for sparsity in (float(s) for s in args.sparsities.split(",")):
@@ -83,7 +83,7 @@ def main() -> int:
                 torch.cuda.synchronize()
                 fin = torch.isfinite(lse_ref)
                 lse_err = (lse[fin] - lse_ref[fin]).abs().max().item() if fin.any() else 0.0
-                errs = {"o": rel(o, o_ref), **{n: rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, grads_ref)}}
+                errs = {"o": rel(o, o_ref), **{name: rel(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref)}}
                 row.update(rel_err=errs, lse_max_err=lse_err, ok=max(errs.values()) < 1e-2 and lse_err < 1e-2)
                 with torch.no_grad():
                     row["fwd_ms"] = triton.testing.do_bench(

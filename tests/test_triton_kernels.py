@@ -104,6 +104,11 @@ def test_fused_dq_matches_reference(case, monkeypatch):
     mask = _random_mask(b, h, lq, lk, bq, bk, density)
     _check_against_reference(q, k, v, mask, tol=1e-5, layout="bnhd")
 
+def test_fused_dq_buffer_is_zeroed_between_autotuning_trials():
+    # the interpreter runs one config, so it cannot show this: on a GPU the autotuner times every
+    # config on the same arguments, and without reset_to_zero the fused dQ atomics would pile up
+    assert "DQ32" in triton_attention._bwd_dkdv_kernel.reset_to_zero
+
 def test_tma_kernels_bnhd_layout_and_empty_rows(monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
     monkeypatch.setattr(triton_attention, "_fwd_kernel", None)

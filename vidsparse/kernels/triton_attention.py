@@ -268,7 +268,9 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs, delta, mask=offs < q_len)
 
 
-@triton.autotune(configs=_configs(_DKDV_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE", "FUSED_DQ"])
+# reset_to_zero: with FUSED_DQ the autotuner's timing runs would add into DQ32 again and again
+@triton.autotune(configs=_configs(_DKDV_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE", "FUSED_DQ"],
+                 reset_to_zero=["DQ32"])
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, DQ32,
