@@ -126,9 +126,9 @@ def test_tma_kernels_bnhd_layout_and_empty_rows(monkeypatch):
 def test_tma_is_skipped_for_misaligned_strides(monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
     q, k, v = _qkv(1, 1, 64, 64, 12, torch.float16)  # 12 x 2 bytes per row: not 16-byte aligned
-    assert not triton_attention._tma_ok(q, k, v, q, 16)
+    assert not triton_attention._tma_ok(16, q, k, v, q)
     q, k, v = _qkv(1, 1, 64, 64, 16, torch.float16)
-    assert triton_attention._tma_ok(q, k, v, q, 16) == (q.is_cuda or triton_attention._INTERPRET)
+    assert triton_attention._tma_ok(16, q, k, v, q) == (q.is_cuda or triton_attention._INTERPRET)
 
 def test_bnhd_layout_and_broadcast_mask():
     q, k, v = _qkv(2, 3, 160, 160, 32, torch.float32, layout="bnhd")

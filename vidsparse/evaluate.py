@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import ShapesConfig
     from .integrations.config import SparseConfig
 
-__all__ = ["validation_loss", "sample_videos", "evaluate_variant", "main", "DEFAULT_TOPK", "DEFAULT_TOPP"]
+__all__ = ["validation_loss", "sample_videos", "sample_shape_accuracy", "evaluate_variant", "main", "DEFAULT_TOPK", "DEFAULT_TOPP"]
 
 #: The default sparse setting of `vidsparse eval`: about 95% block sparsity (128 x 64 blocks) on
 #: the shipped tiny model (measured 95.1% over the val split; Top-k alone keeps 1 of 64 key blocks).
@@ -284,20 +284,27 @@ def sample_videos(
     return x.float().clamp_(-1, 1)
 
 
+def _inputs_for(cond, clip_ids, *, seed: int, data, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condition embeddings of ``cond`` and the fixed initial noise of each clip index."""
+    from .data import embed
+
+    shape = (3, data.frames, data.size, data.size)
+    noise = torch.stack([_noise(shape, _STREAM_SAMPLES, seed, int(c)) for c in clip_ids]).to(device)
+    return embed(cond, config=data), noise
+
+
 def _sample_inputs(n: int, *, split: str, seed: int, data, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Condition embeddings of clips 0..n-1 of ``split`` and the fixed initial noise per clip."""
-    from .data import embed, sample_conditions
+    from .data import sample_conditions
 
     cond = sample_conditions(n, seed=seed, split=split, config=data, device=device)
-    shape = (3, data.frames, data.size, data.size)
-    noise = torch.stack([_noise(shape, _STREAM_SAMPLES, seed, c) for c in range(n)]).to(device)
-    return embed(cond, config=data), noise
+    return _inputs_for(cond, range(n), seed=seed, data=data, device=device)
 
 
 def _single_object_inputs(n: int, *, split: str, seed: int, data, device):
     """The first ``n`` single-object clips of ``split`` (their shape is unambiguous): conditions,
     embeddings and fixed initial noise (keyed by clip index, like :func:`_sample_inputs`)."""
-    from .data import embed, sample_conditions
+    from .data import sample_conditions
     from .models.shape_classifier import single_object
 
     pool = sample_conditions(max(16, 8 * n), seed=seed, split=split, config=data, device=device)
@@ -305,9 +312,36 @@ def _single_object_inputs(n: int, *, split: str, seed: int, data, device):
     if len(idx) < n:
         raise ValueError(f"shape_samples={n}: only {len(idx)} single-object clips among the first {len(pool)}")
     cond = pool[idx]
-    shape = (3, data.frames, data.size, data.size)
-    noise = torch.stack([_noise(shape, _STREAM_SAMPLES, seed, int(c)) for c in idx]).to(device)
-    return cond, embed(cond, config=data), noise
+    return (cond, *_inputs_for(cond, idx.tolist(), seed=seed, data=data, device=device))
+
+
+@torch.no_grad()
+def sample_shape_accuracy(
+    model: torch.nn.Module,
+    sparse: "SparseConfig | None",
+    shape_samples: int,
+    *,
+    steps: int,
+    guidance_scale: float,
+    shift: float,
+    split: str = "val",
+    seed: int = 0,
+    data: "ShapesConfig | None" = None,
+    device=None,
+    progress: bool = False,
+) -> float:
+    """Sample the first ``shape_samples`` single-object conditions of ``split`` with ``sparse``
+    attention (None: dense) and return the fraction whose object the shape classifier names as
+    conditioned (:func:`vidsparse.models.shape_classifier.shape_accuracy`; chance 0.25)."""
+    from .models.shape_classifier import shape_accuracy
+
+    _check_int("shape_samples", shape_samples, 1)
+    data = _data_config(model, data)
+    device = _resolve_device(model, device)
+    cond, emb, noise = _single_object_inputs(shape_samples, split=split, seed=seed, data=data, device=device)
+    videos = sample_videos(model, sparse, emb, noise, steps=steps, guidance_scale=guidance_scale, shift=shift,
+                           progress=progress).cpu()
+    return shape_accuracy(videos, cond.to("cpu"))["accuracy"]
 
 
 def _sampling_defaults(*models: torch.nn.Module) -> dict[str, float]:
@@ -411,13 +445,10 @@ def evaluate_variant(
         out.update(psnr=float(psnr.double().mean()), ssim=float(ssim.double().mean()), sample_seconds=sample_seconds)
     out.update(shape_accuracy=None, shape_samples=shape_samples)
     if shape_samples:
-        from .models.shape_classifier import shape_accuracy
-
         t1 = time.perf_counter()
-        cond, emb, noise = _single_object_inputs(shape_samples, split=split, seed=seed, data=data, device=device)
-        videos = sample_videos(model, sparse, emb, noise, steps=sample_steps, guidance_scale=guidance_scale,
-                               shift=shift, progress=progress).cpu()
-        out["shape_accuracy"] = shape_accuracy(videos, cond.to("cpu"))["accuracy"]
+        out["shape_accuracy"] = sample_shape_accuracy(
+            model, sparse, shape_samples, steps=sample_steps, guidance_scale=guidance_scale, shift=shift,
+            split=split, seed=seed, data=data, device=device, progress=progress)
         out["sample_seconds"] += time.perf_counter() - t1
     out["val_seconds"] = val_seconds
     out["seconds"] = val_seconds + out["sample_seconds"]

@@ -485,23 +485,29 @@ def _table(idx: torch.Tensor, cnt: torch.Tensor, b: int, h: int):
     return idx.expand(b, h, -1, -1), cnt.expand(b, h, -1)
 
 
+def _env_choice(var: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(var, "0") or "0"
+    if value not in allowed:
+        raise ValueError(f"environment variable {var} must be one of {allowed}, got {value!r}")
+    return value
+
+
 # "1": the forward uses _fwd_tma_kernel where it can; "ws": also warp-specialised; else pointers.
-TMA_MODE = os.environ.get("VIDSPARSE_TMA", "0") or "0"
+TMA_MODE = _env_choice("VIDSPARSE_TMA", ("0", "1", "ws"))
 # dQ accumulated by the dK/dV pass with fp32 atomics instead of its own pass (pointer kernels).
-FUSED_DQ = (os.environ.get("VIDSPARSE_FUSED_DQ", "0") or "0") == "1"
-for _var, _allowed in (("VIDSPARSE_TMA", ("0", "1", "ws")), ("VIDSPARSE_FUSED_DQ", ("0", "1"))):
-    if (os.environ.get(_var, "0") or "0") not in _allowed:
-        raise ValueError(f"environment variable {_var} must be one of {_allowed}, got {os.environ[_var]!r}")
+FUSED_DQ = _env_choice("VIDSPARSE_FUSED_DQ", ("0", "1")) == "1"
 
 
-def _tma_ok(q, k, v, o, block_d: int) -> bool:
-    """Whether the TMA kernels may take these four tensors: the mode is on, the dtype suits,
-    and tensor descriptors get 16-byte aligned bases and strides and a unit last stride."""
+def _tma_ok(block_d: int, *tensors: torch.Tensor) -> bool:
+    """Whether the TMA kernels may take these tensors (the first sets the dtype): the mode is on,
+    the dtype suits, and tensor descriptors get 16-byte aligned bases and strides and a unit last
+    stride."""
+    q = tensors[0]
     if TMA_MODE not in ("1", "ws") or block_d > 128:
         return False
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) and not (_INTERPRET and q.dtype != torch.float64):
         return False
-    for t in (q, k, v, o):
+    for t in tensors:
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
             return False
@@ -521,7 +527,7 @@ def _forward(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, scale: float):
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     kv_idx, kv_cnt = _table(kv_idx, kv_cnt, b, h)
     bm, bn, bd = _tiles(block_q, block_k, d, backward=False)
-    if _tma_ok(q, k, v, o, bd):
+    if _tma_ok(bd, q, k, v, o):
         _fwd_tma_kernel[(triton.cdiv(lq, bm), b * h)](
             _descriptor(q, bm, bd), _descriptor(k, bn, bd), _descriptor(v, bn, bd), _descriptor(o, bm, bd),
             lse, kv_idx, kv_cnt, lse.stride(0), lse.stride(1), *_strides4(kv_idx), *kv_cnt.stride(),
@@ -559,7 +565,7 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
     kv_idx, kv_cnt = _table(kv_idx, kv_cnt, b, h)
     common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee)
     # dK/dV are written with k's/v's strides (torch.empty_like keeps them)
-    if _tma_ok(q, k, v, do, bd) and _tma_ok(dk, dv, dk, dk, bd):
+    if _tma_ok(bd, q, k, v, do, dk, dv):
         sub = min(32, block_q)
         _bwd_dkdv_tma_kernel[(triton.cdiv(lk, bn), b * h)](
             _descriptor(q, sub, bd), _descriptor(k, bn, bd), _descriptor(v, bn, bd), _descriptor(do, sub, bd),

@@ -735,12 +735,11 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
             pass
         result["sample_captions"] = captions
     if cfg.shape_samples > 0:
-        from ..evaluate import evaluate_variant
+        from ..evaluate import sample_shape_accuracy
 
-        judged = evaluate_variant(shipped, None, clips=1, num_t=1, samples=0, shape_samples=cfg.shape_samples,
-                                  sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, shift=cfg.t_shift,
-                                  seed=cfg.seed, device=device, data=cfg.data)
-        result["shape_accuracy"] = judged["shape_accuracy"]
+        result["shape_accuracy"] = sample_shape_accuracy(
+            shipped, None, cfg.shape_samples, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+            shift=cfg.t_shift, seed=cfg.seed, data=cfg.data, device=device)
         result["shape_samples"] = cfg.shape_samples
 
     try:
