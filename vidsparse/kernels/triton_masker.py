@@ -3,19 +3,25 @@
 Same rule and conventions as :func:`vidsparse.maskers.hybrid.hybrid_block_mask` (the eager
 version, which is the oracle in tests), in three launches:
 
-1. ``_pool_kernel`` mean-pools Q and K blocks straight from their (bf16/fp16/fp32) storage;
+1. ``_pool_kernel`` mean-pools the Q and the K blocks, both in one launch, straight from their
+   (bf16/fp16/fp32) storage; each program reads a tile of about 128 x 128 elements (one 128-token
+   Q block or two 64-token K blocks at D = 128);
 2. one batched matmul gives the unscaled pooled scores (B, H, NQB, NKB);
 3. ``_select_kernel``, one program per (batch*head, query block): scale, softmax over the row; the
-   Top-k and Top-p cut-offs found by bisection over (probability, index) keys packed into int64
-   (ties -> lower index first, as the eager stable sort); union with Top-k, optional sink/diagonal
-   priors; a prefix-sum compaction writes the ascending index table.
+   Top-k and Top-p cut-off values found by bisection over the int32 bit patterns of the fp32
+   probabilities (at most 30 steps each; a Top-k-only call runs only the Top-k one); blocks tied
+   at the cut-off value are settled in index order with one cumsum (the lower index first, as the
+   eager stable sort); union of the two rules, optional sink/diagonal priors; a prefix-sum
+   compaction writes the ascending index table.
 
 No sort: an earlier version sorted each row twice with ``tl.sort``, which cost 0.18 ms of GPU
 time at the Wan2.1-1.3B shape and 11.4 ms at 14B/720p (2,048-wide rows) on an H100.
 It writes the dense block map and the index table at once, so the BlockMask needs no further
-conversion before the forward kernel. Only the order in which the Top-p mass is summed differs
-from torch.cumsum, so a row whose mass lands within float rounding of p may keep one block more
-or less than the eager masker.
+conversion before the forward kernel. Given the same probabilities, Top-k and the tie order match
+the eager masker exactly. The probabilities themselves (pooling, matmul, softmax) and the Top-p
+mass are summed in other orders than the eager torch ops (the mass as a tree sum, a tied run as
+rank x probability instead of torch.cumsum), so a row with two blocks, or its mass, within float
+rounding of each other, or of p, may keep one block more or less than the eager masker.
 """
 
 from __future__ import annotations
@@ -30,26 +36,48 @@ from ..maskers.hybrid import topk_blocks
 
 
 @triton.jit
-def _pool_kernel(
-    X, OUT, sxb, sxh, sxn, sxd, H, length, head_dim,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+def _pool_tile(
+    X, OUT, sxb, sxh, sxn, sxd, b, h, pid_bh, chunk, length, head_dim,
+    BLOCK: tl.constexpr, SUB: tl.constexpr, NBP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    # NBP consecutive blocks of BLOCK tokens, read SUB tokens per block at a time: a (NBP, SUB, D)
+    # tile, so 64-token K blocks and 128-token Q blocks give a program the same bytes in flight
+    blk = chunk * NBP + tl.arange(0, NBP)
+    offs_t = tl.arange(0, SUB)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    base = X + b * sxb + h * sxh
+    acc = tl.zeros((NBP, BLOCK_D), dtype=tl.float32)
+    for t0 in range(0, BLOCK, SUB):
+        tok = blk[:, None] * BLOCK + t0 + offs_t[None, :]  # (NBP, SUB)
+        x = tl.load(
+            base + tok.to(tl.int64)[:, :, None] * sxn + offs_d[None, None, :] * sxd,
+            mask=(tok < length)[:, :, None] & d_ok[None, None, :], other=0.0,
+        )
+        acc += tl.sum(x.to(tl.float32), 1)
+    n = tl.minimum(length - blk * BLOCK, BLOCK)  # the tail block averages its real tokens
+    nb = tl.cdiv(length, BLOCK)
+    mean = acc / tl.maximum(n, 1).to(tl.float32)[:, None]
+    out = OUT + (pid_bh.to(tl.int64) * nb + blk)[:, None] * head_dim + offs_d[None, :]
+    tl.store(out, mean, mask=(blk < nb)[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _pool_kernel(
+    Q, K, QOUT, KOUT, sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    H, q_len, k_len, head_dim, q_progs,
+    BLOCK_Q: tl.constexpr, SUB_Q: tl.constexpr, NBP_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, NBP_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one launch for both tensors: programs [0, q_progs) pool Q, the rest pool K
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    start = pid_n * BLOCK
-    offs = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid = (start + offs) < length
-    x = tl.load(
-        X + b * sxb + h * sxh + start.to(tl.int64) * sxn + offs[:, None] * sxn + offs_d[None, :] * sxd,
-        mask=valid[:, None] & (offs_d < head_dim)[None, :], other=0.0,
-    )
-    n = tl.minimum(length - start, BLOCK).to(tl.float32)  # the tail block averages its real tokens
-    mean = tl.sum(x.to(tl.float32), 0) / n
-    nb = tl.cdiv(length, BLOCK)
-    tl.store(OUT + (pid_bh.to(tl.int64) * nb + pid_n) * head_dim + offs_d, mean, mask=offs_d < head_dim)
+    if pid < q_progs:
+        _pool_tile(Q, QOUT, sqb, sqh, sqn, sqd, b, h, pid_bh, pid, q_len, head_dim, BLOCK_Q, SUB_Q, NBP_Q, BLOCK_D)
+    else:
+        _pool_tile(K, KOUT, skb, skh, skn, skd, b, h, pid_bh, pid - q_progs, k_len, head_dim, BLOCK_K, SUB_K, NBP_K, BLOCK_D)
 
 
 @triton.jit
@@ -57,6 +85,9 @@ def _select_kernel(
     SCORES, DENSE, KV_IDX, KV_CNT, NK, TOPP,
     H, nqb, nkb, q_len, block_q, block_k, scale,
     NKB_P2: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+    # which bisections run (the host knows whether topk/topp is None); both by default, where the
+    # tables' sentinels (NK = 0, TOPP < 0) still switch a rule off
+    HAS_TOPK: tl.constexpr = True, HAS_TOPP: tl.constexpr = True,
 ):
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -70,34 +101,66 @@ def _select_kernel(
     e = tl.where(valid, tl.exp(s), 0.0)
     prob = e / tl.sum(e, 0)
 
-    # One int64 key per block orders blocks as the eager stable sort does: probability descending
-    # (non-negative fp32 bit patterns order like the values), then the lower index first (16 bits:
-    # NKB <= 65536). Keys are unique, so "the n best blocks" is {key >= the n-th largest key}.
-    bits = prob.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(valid, (bits << 16) | (NKB_P2 - 1 - offs).to(tl.int64), -1)
-
-    n_k = tl.maximum(tl.load(NK + h), 1)  # Top-k count (the rule keeps >= 1 block in any case)
-    p = tl.load(TOPP + h)  # Top-p mass (< 0 when Top-p is off)
-    # Bisection for the largest key that still holds n_k blocks (Top-k) and for the largest that
-    # still holds mass p (Top-p: the minimal prefix reaching p); the union is the lower one. The
-    # smallest real key satisfies both, so it brackets from below. Only reductions, no sort.
-    lo_k = tl.min(tl.where(valid, key, 1 << 62), 0)
-    hi_k = tl.max(key, 0) + 1
-    lo_p = lo_k
-    hi_p = hi_k
+    # Non-negative fp32 bit patterns order like the values, so both cut-off values are found by
+    # bisection over int32 bits in [min, max + 1) (<= 30 steps: 1.0 is 0x3F800000; fewer for a
+    # narrow range): only reductions, no sort. Blocks tied at a cut-off are settled afterwards in
+    # index order, as the eager stable sort does (among equal probabilities the lower index first).
+    bits = tl.where(valid, prob.to(tl.int32, bitcast=True), -1)
+    lo = tl.min(tl.where(valid, bits, 0x7FFFFFFF), 0)
+    hi = tl.max(bits, 0) + 1
+    # Top-k: largest v with count(bits >= v) >= n_k (the n_k-th largest value)
+    lo_k = lo
+    hi_k = hi
+    if HAS_TOPK:
+        n_k = tl.maximum(tl.load(NK + h), 1)  # 0 = rule off, but the rule keeps >= 1 block anyway
+    else:
+        hi_k = lo + 1
+    # Top-p: largest v with mass(bits >= v) >= p; the kept prefix ends among the blocks at v
+    lo_p = lo
+    hi_p = hi
+    if HAS_TOPP:
+        p = tl.load(TOPP + h)  # < 0: rule off for this head
+        # the same masked sum as the bisection's at v = lo, so the two agree on reaching p
+        short = tl.sum(prob, 0) < p
+    else:
+        hi_p = lo + 1
     while (hi_k - lo_k > 1) | (hi_p - lo_p > 1):
-        mid_k = lo_k + (hi_k - lo_k) // 2
-        ok_k = tl.sum((key >= mid_k).to(tl.int32), 0) >= n_k
-        lo_k = tl.where(ok_k, mid_k, lo_k)
-        hi_k = tl.where(ok_k, hi_k, mid_k)
-        mid_p = lo_p + (hi_p - lo_p) // 2
-        ok_p = tl.sum(tl.where(key >= mid_p, prob, 0.0), 0) >= p
-        lo_p = tl.where(ok_p, mid_p, lo_p)
-        hi_p = tl.where(ok_p, hi_p, mid_p)
-    thresh = lo_k
-    thresh = tl.where((p >= 0.0) & (lo_p < thresh), lo_p, thresh)
-    thresh = tl.where(p >= 1.0, -1, thresh)  # p = 1 is dense even where probabilities underflow
-    keep = valid & (key >= thresh)
+        if HAS_TOPK:
+            mid_k = lo_k + (hi_k - lo_k) // 2
+            ok_k = tl.sum((bits >= mid_k).to(tl.int32), 0) >= n_k
+            lo_k = tl.where(ok_k, mid_k, lo_k)
+            hi_k = tl.where(ok_k, hi_k, mid_k)
+        if HAS_TOPP:
+            mid_p = lo_p + (hi_p - lo_p) // 2
+            ok_p = tl.sum(tl.where(bits >= mid_p, prob, 0.0), 0) >= p
+            lo_p = tl.where(ok_p, mid_p, lo_p)
+            hi_p = tl.where(ok_p, hi_p, mid_p)
+
+    # Both rules keep prefixes of one order, so the union is the longer prefix: everything above
+    # the lower cut-off v, plus a leading run (in index order) of the blocks tied at v.
+    if HAS_TOPK and HAS_TOPP:
+        v = tl.minimum(lo_k, lo_p)
+    elif HAS_TOPK:
+        v = lo_k
+    else:
+        v = lo_p
+    above = bits > v
+    tie = (bits == v).to(tl.int32)
+    rank = tl.cumsum(tie, 0) - tie  # tied blocks before this one
+    # A rule whose own cut-off lies above v keeps no tied block below: its count (mass) above v
+    # already reaches n_k (p), so its test fails for every rank without checking which rule cut.
+    keep = above
+    if HAS_TOPK:
+        n_above = tl.sum(above.to(tl.int32), 0)
+        keep = keep | ((tie != 0) & (rank < n_k - n_above))
+    if HAS_TOPP:
+        # mass before a tied block: the mass above v (the same sum as the bisection's at v + 1,
+        # which stayed < p) plus its tied predecessors, which all hold the same probability
+        mass_above = tl.sum(tl.where(above, prob, 0.0), 0)
+        keep = keep | ((tie != 0) & (mass_above + rank.to(tl.float32) * prob < p))
+        # p = 1 is dense even where probabilities underflow; a row whose total mass rounds below
+        # p keeps every block, as the eager clamp to NKB does
+        keep = tl.where((p >= 1.0) | short, valid, keep)
 
     if KEEP_SINK:
         keep = keep | (offs == 0)
@@ -117,16 +180,47 @@ def _select_kernel(
     tl.store(KV_CNT + pid_bh.to(tl.int64) * nqb + row, n_keep)
 
 
+_POOL_TILE = 128 * 128  # elements a pooling program reads at once (fp32 partial sums: 128 per thread at 4 warps)
+
+
+def _pool_plan(length: int, block: int, rows: int) -> tuple[int, int, int]:
+    """(tokens read per block per step, blocks per program, programs) for one tensor."""
+    sub = min(block, rows)
+    nbp = max(1, rows // block)
+    return sub, nbp, triton.cdiv(num_blocks(length, block), nbp)
+
+
+def _pool(q: torch.Tensor, block_q: int, k: torch.Tensor | None = None, block_k: int = 16):
+    """Block means of q (and of k, in the same launch).
+
+    Args:
+        q: (B, H, Lq, D), k: (B, H, Lk, D) or None; any float dtype, any strides.
+    Returns:
+        (B, H, ceil(Lq/block_q), D) float32 and, with k, (B, H, ceil(Lk/block_k), D) float32.
+    """
+    b, h, lq, d = q.shape
+    block_d = max(16, triton.next_power_of_2(d))
+    rows = max(16, _POOL_TILE // block_d)
+    sub_q, nbp_q, progs_q = _pool_plan(lq, block_q, rows)
+    q_out = torch.empty(b, h, num_blocks(lq, block_q), d, dtype=torch.float32, device=q.device)
+    if k is None:  # a K half that no program reaches
+        k, k_out, lk, sub_k, nbp_k, progs_k = q, q_out, lq, sub_q, nbp_q, 0
+        block_k = block_q
+    else:
+        lk = k.shape[2]
+        sub_k, nbp_k, progs_k = _pool_plan(lk, block_k, rows)
+        k_out = torch.empty(b, h, num_blocks(lk, block_k), d, dtype=torch.float32, device=q.device)
+    _pool_kernel[(progs_q + progs_k, b * h)](
+        q, k, q_out, k_out, *q.stride(), *k.stride(), h, lq, lk, d, progs_q,
+        BLOCK_Q=block_q, SUB_Q=sub_q, NBP_Q=nbp_q, BLOCK_K=block_k, SUB_K=sub_k, NBP_K=nbp_k,
+        BLOCK_D=block_d, num_warps=4,
+    )
+    return q_out, k_out
+
+
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """(B, H, L, D) any float dtype -> (B, H, ceil(L/block), D) float32 block means."""
-    b, h, length, d = x.shape
-    nb = num_blocks(length, block)
-    out = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
-    _pool_kernel[(nb, b * h)](
-        x, out, *x.stride(), h, length, d,
-        BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4,
-    )
-    return out
+    return _pool(x, block)[0]
 
 
 _PARAM_CACHE: dict = {}
@@ -183,7 +277,8 @@ def fused_hybrid_block_mask(
     scale = d ** -0.5 if scale is None else scale
     nqb, nkb = num_blocks(lq, block_q), num_blocks(lk, block_k)
 
-    scores = torch.matmul(pool_blocks(q, block_q), pool_blocks(k, block_k).transpose(-1, -2))  # unscaled
+    q_mean, k_mean = _pool(q, block_q, k, block_k)
+    scores = torch.matmul(q_mean, k_mean.transpose(-1, -2))  # unscaled
     nk, tp = _row_params(topk, topp, h, nkb, q.device)
 
     dense = torch.empty(b, h, nqb, nkb, dtype=torch.int8, device=q.device)
@@ -196,8 +291,10 @@ def fused_hybrid_block_mask(
         scores, dense, kv_idx, kv_cnt, nk, tp,
         h, nqb, nkb, lq, block_q, block_k, scale,
         NKB_P2=nkb_p2, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
-        # one warp per row: the bisection's reductions stay in-warp (H100, 512-wide rows: 0.045 ms
-        # for 1 warp vs 0.074 for 4 and 0.115 for 8); wider rows keep 8 warps (not measured)
+        HAS_TOPK=topk is not None, HAS_TOPP=topp is not None,
+        # one warp per row: the bisection's reductions stay in-warp (H100, 512-wide rows, measured
+        # with the earlier 48-step int64 bisection: 0.045 ms for 1 warp vs 0.074 for 4 and 0.115
+        # for 8); wider rows keep 8 warps (not measured)
         num_warps=1 if nkb_p2 <= 1024 else 8,
     )
     return BlockMask(
