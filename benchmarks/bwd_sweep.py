@@ -95,11 +95,11 @@ class Backward:
         tail = (h, lq, lk, d, scale * ta._LOG2E, scale)
         strides = (*s4(q), *s4(k), *s4(v), *s4(do))
         # name: (autotuner, grid, positional args, extra meta); the dQ grid depends on SUB_M, as in
-        # _backward; the dK/dV pass runs without its opt-in fused dQ (its dQ argument is untouched)
+        # _backward (the pointer kernels; the sweep predates the TMA dK/dV pass)
         self.kernels = {
             "dkdv": (ta._bwd_dkdv_kernel, (triton.cdiv(lk, bn), b * h),
-                     (q, k, v, do, lse, self.delta, self.dk, self.dv, q_idx, q_cnt, self.dq,
-                      *strides, *s4(q_idx), *q_cnt.stride(), *tail), {"FUSED_DQ": False}),
+                     (q, k, v, do, lse, self.delta, self.dk, self.dv, q_idx, q_cnt,
+                      *strides, *s4(q_idx), *q_cnt.stride(), *tail), {}),
             "dq": (ta._bwd_dq_kernel, lambda meta: (triton.cdiv(lq, min(meta["SUB_M"], bq)), b * h),
                    (q, k, v, do, lse, self.delta, self.dq, kv_idx, kv_cnt,
                     *strides, *s4(kv_idx), *kv_cnt.stride(), *tail), {}),

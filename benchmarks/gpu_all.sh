@@ -3,7 +3,7 @@
 #   TESTS=1      kernel + flex tests in bf16/fp16 on the GPU (default config, no autotuning)
 #   BENCH=1      `vidsparse bench attention` at the Wan2.1-1.3B 480p shape
 #   BENCH_14B=1  the same at the Wan2.1-14B 720p shape (fewer sparsities, no flex)
-#   VARIANTS=1   benchmarks/kernel_variants.py: pointer vs TMA (vs warp-specialised) kernels, same run
+#   VARIANTS=1   benchmarks/kernel_variants.py: pointer vs TMA kernels, same run
 #   WAN_STEP=1   one Wan2.1-1.3B denoising step, dense vs vidsparse (needs .whl with diffusers)
 #   WAN14_LAYERS=N  also the 14B step with N layers
 # Logs and JSON go to $OUT.

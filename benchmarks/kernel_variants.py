@@ -1,17 +1,17 @@
 """A/B of the kernel variants at the Wan2.1-1.3B shape, in one process on one GPU.
 
-Variants (``vidsparse.kernels.triton_attention.TMA_MODE`` and ``FUSED_DQ``):
+Variants (``vidsparse.kernels.triton_attention.TMA_MODE``):
 
-* ``ptr``   - the default pointer-arithmetic kernels;
-* ``tma``   - ``_fwd_tma_kernel`` and ``_bwd_dkdv_tma_kernel``: tensors through TMA descriptors;
-* ``tma-ws`` - the same with Triton's warp specialisation of the forward's key loop;
-* ``fused`` - pointer kernels, dQ added with fp32 atomics inside the dK/dV pass (no dQ pass).
+* ``ptr`` - the pointer-arithmetic kernels (``VIDSPARSE_TMA=0``);
+* ``tma`` - ``_fwd_tma_kernel`` and ``_bwd_dkdv_tma_kernel``: tensors through TMA descriptors (the
+  default on sm_90+); the dQ pass is the pointer kernel in both.
 
 For each sparsity it builds one Top-k mask (k = 1 - sparsity, as ``vidsparse bench attention``
 does), checks every variant's O, LSE, dQ, dK and dV against the pointer kernels' (bf16: relative
 error < 1e-2), then times the forward and forward+backward given the mask with
 ``triton.testing.do_bench`` (median, ms) and reports cuDNN's dense forward from the same process
-for scale. A variant that fails to compile or run is reported with its error instead of a time.
+for scale, and the launch configuration the autotuner picked for each kernel. A variant that
+fails to compile or run is reported with its error instead of a time.
 
     python benchmarks/kernel_variants.py [--sparsities 0,0.95] [--out $OUT/kernel_variants.json]
 """
@@ -32,7 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 
-MODES = {"ptr": ("0", False), "tma": ("1", False), "tma-ws": ("ws", False), "fused": ("0", True)}
+MODES = {"ptr": "0", "tma": "1"}
+KERNELS = ("_fwd_kernel", "_fwd_tma_kernel", "_bwd_dkdv_kernel", "_bwd_dkdv_tma_kernel", "_bwd_dq_kernel")
 
 
 def main() -> int:
@@ -69,12 +70,12 @@ def main() -> int:
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         mask = fused_hybrid_block_mask(q, k, topk=max(1e-6, 1.0 - sparsity), topp=None, block_q=128, block_k=64)
         achieved = float(mask.sparsity())
-        ta.TMA_MODE, ta.FUSED_DQ = "0", False
+        ta.TMA_MODE = "0"
         with torch.no_grad():
             o_ref, lse_ref = vidsparse.block_sparse_attention(q, k, v, mask, backend="triton", return_lse=True)
         grads_ref = fwd_bwd(mask)
-        for mode, (tma, fused) in MODES.items():
-            ta.TMA_MODE, ta.FUSED_DQ = tma, fused
+        for mode, tma in MODES.items():
+            ta.TMA_MODE = tma
             row = {"sparsity": achieved, "mode": mode}
             try:
                 with torch.no_grad():
@@ -89,11 +90,12 @@ def main() -> int:
                     row["fwd_ms"] = triton.testing.do_bench(
                         lambda: vidsparse.block_sparse_attention(q, k, v, mask, backend="triton"))
                 row["fwd_bwd_ms"] = triton.testing.do_bench(lambda: fwd_bwd(mask))
+                row["configs"] = {name: str(getattr(getattr(ta, name), "best_config", None)) for name in KERNELS}
             except Exception as e:  # noqa: BLE001 - a variant that does not build is a result too
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             rows.append(row)
             print(row, flush=True)
-    ta.TMA_MODE, ta.FUSED_DQ = "0", False
+    ta.TMA_MODE = "auto"
 
     print(f"\n{card} | torch {torch.__version__} | triton {triton.__version__} | bf16 B={b} H={h} N={n} D={d} "
           f"| 128x64 blocks | cuDNN dense fwd {cudnn_ms:.3f} ms")

@@ -2,8 +2,8 @@
 # Nsight Compute counters for the attention kernels, forward and backward, at the Wan2.1-1.3B
 # shape and 95% sparsity (bf16, 128x64 blocks, default configs), in one GPU call:
 #
-#   OUT=out bash benchmarks/ncu_attention.sh                 # pointer kernels
-#   OUT=out VIDSPARSE_TMA=1 bash benchmarks/ncu_attention.sh # the TMA variants
+#   OUT=out bash benchmarks/ncu_attention.sh                 # default kernels (TMA on sm_90+)
+#   OUT=out VIDSPARSE_TMA=0 bash benchmarks/ncu_attention.sh # the pointer kernels
 #
 # KERNELS (a regex over kernel names) narrows what is profiled. $OUT/ncu_attention.txt gets the
 # full report; the key lines are printed.

@@ -22,12 +22,13 @@ def test_demo_rejects_bad_sizes():
         main(["demo", "--frames", "0"])
 
 
-def test_info_names_opt_in_kernel_variants(capsys, monkeypatch):
-    monkeypatch.setenv("VIDSPARSE_TMA", "ws")
-    monkeypatch.delenv("VIDSPARSE_FUSED_DQ", raising=False)
+def test_info_names_the_kernel_choice(capsys, monkeypatch):
+    monkeypatch.delenv("VIDSPARSE_TMA", raising=False)
     assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "VIDSPARSE_TMA=ws" in out and "VIDSPARSE_FUSED_DQ" not in out
+    assert "VIDSPARSE_TMA=auto: TMA forward and dK/dV kernels for bf16/fp16 on sm_90+" in capsys.readouterr().out
+    monkeypatch.setenv("VIDSPARSE_TMA", "0")
+    assert main(["info"]) == 0
+    assert "VIDSPARSE_TMA=0: pointer kernels only" in capsys.readouterr().out
 
 
 def test_bad_kernel_variant_variable_is_a_clear_error():

@@ -83,31 +83,17 @@ def test_triton_matches_reference(case, dtype):
 
 @pytest.mark.parametrize("case", CPU_CASES)
 def test_tma_kernels_match_reference(case, monkeypatch):
-    # the opt-in tensor-descriptor forward and dK/dV pass (VIDSPARSE_TMA=1); the pointer kernels
-    # they replace must not run
+    # the tensor-descriptor forward and dK/dV pass (fp32 in the interpreter, fp16 on a GPU); the
+    # pointer kernels they replace must not run
     monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
     monkeypatch.setattr(triton_attention, "_fwd_kernel", None)
     monkeypatch.setattr(triton_attention, "_bwd_dkdv_kernel", None)
     b, h, lq, lk, d, bq, bk, density = case
-    q, k, v = _qkv(b, h, lq, lk, d, torch.float32)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    q, k, v = _qkv(b, h, lq, lk, d, dtype)
     mask = _random_mask(b, h, lq, lk, bq, bk, density)
-    _check_against_reference(q, k, v, mask, tol=1e-5)
+    _check_against_reference(q, k, v, mask, tol=1e-5 if dtype == torch.float32 else 3e-3)
 
-
-@pytest.mark.parametrize("case", CPU_CASES)
-def test_fused_dq_matches_reference(case, monkeypatch):
-    # dQ by fp32 atomics inside the dK/dV pass (VIDSPARSE_FUSED_DQ=1); the dQ pass must not run
-    monkeypatch.setattr(triton_attention, "FUSED_DQ", True)
-    monkeypatch.setattr(triton_attention, "_bwd_dq_kernel", None)
-    b, h, lq, lk, d, bq, bk, density = case
-    q, k, v = _qkv(b, h, lq, lk, d, torch.float32, layout="bnhd")
-    mask = _random_mask(b, h, lq, lk, bq, bk, density)
-    _check_against_reference(q, k, v, mask, tol=1e-5, layout="bnhd")
-
-def test_fused_dq_buffer_is_zeroed_between_autotuning_trials():
-    # the interpreter runs one config, so it cannot show this: on a GPU the autotuner times every
-    # config on the same arguments, and without reset_to_zero the fused dQ atomics would pile up
-    assert "DQ32" in triton_attention._bwd_dkdv_kernel.reset_to_zero
 
 def test_tma_kernels_bnhd_layout_and_empty_rows(monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA_MODE", "1")
@@ -128,7 +114,20 @@ def test_tma_is_skipped_for_misaligned_strides(monkeypatch):
     q, k, v = _qkv(1, 1, 64, 64, 12, torch.float16)  # 12 x 2 bytes per row: not 16-byte aligned
     assert not triton_attention._tma_ok(16, q, k, v, q)
     q, k, v = _qkv(1, 1, 64, 64, 16, torch.float16)
-    assert triton_attention._tma_ok(16, q, k, v, q) == (q.is_cuda or triton_attention._INTERPRET)
+    assert triton_attention._tma_ok(16, q, k, v, q)
+    assert not triton_attention._tma_ok(256, q, k, v, q)  # head dims above 128 keep the pointer kernels
+
+
+def test_tma_mode_auto_and_off(monkeypatch):
+    # auto: 16-bit inputs on a TMA GPU only, so the interpreter tests keep the pointer kernels
+    q, k, v = _qkv(1, 1, 64, 64, 16, torch.float16)
+    monkeypatch.setattr(triton_attention, "TMA_MODE", "auto")
+    expect = q.is_cuda and torch.cuda.get_device_capability()[0] >= 9
+    assert triton_attention._tma_ok(16, q, k, v, q) == expect
+    assert not triton_attention._tma_ok(16, q.float(), k.float(), v.float(), q.float())
+    monkeypatch.setattr(triton_attention, "TMA_MODE", "0")
+    assert not triton_attention._tma_ok(16, q, k, v, q)
+
 
 def test_bnhd_layout_and_broadcast_mask():
     q, k, v = _qkv(2, 3, 160, 160, 32, torch.float32, layout="bnhd")
@@ -203,6 +202,97 @@ def test_fused_masker_per_head_and_dense_limits():
     assert dense_p.dense.all()
 
 
+# key-block pattern for the tie tests: values 3 (7 blocks), 1 (5), 2 (4), 0 (3) repeat, so the
+# cut-offs land inside runs of exactly equal probabilities
+_TIE_A = ([1, 3, 3, 0, 3, 1, 2, 3, 0, 1, 3, 2, 2, 3, 1, 0, 3, 2, 1], [1] * 19)  # head 0, head 1 (all equal)
+_TIE_C = [1, 2, 4, 3, 512]  # per query block; 512 underflows every block below the row's best to 0
+
+
+def _tied_qk(bq=32, bk=16, d=16):
+    """q, k whose pooled scores are exact small multiples: pooled q block i = C[i] e0, pooled k
+    block j = A[h][j] e0, so equal A give bit-equal probabilities in both maskers. Tails on both
+    (Lq = 155, Lk = 297) and NQB = 5 != NKB = 19."""
+    nqb, nkb = len(_TIE_C), len(_TIE_A[0])
+    k = torch.zeros(1, 2, nkb * bk, d, device=DEVICE)
+    for h, a in enumerate(_TIE_A):
+        k[0, h, :, 0] = torch.tensor(a, dtype=torch.float32, device=DEVICE).repeat_interleave(bk)
+    q = torch.zeros(1, 2, nqb * bq, d, device=DEVICE)
+    q[0, :, :, 0] = torch.tensor(_TIE_C, dtype=torch.float32, device=DEVICE).repeat_interleave(bq)
+    return q[:, :, : nqb * bq - 5], k[:, :, : nkb * bk - 7]
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("topk", dict(topk=0.3, topp=None)),  # Top-k only: the cut falls inside the 7-way tie
+    ("topk-zeros", dict(topk=0.5, topp=None)),  # ... and, in the 512 row, among 12 zero probabilities
+    ("topp", dict(topk=None, topp=0.45)),
+    ("hybrid-p-longer", dict(topk=0.1, topp=0.6)),
+    ("hybrid-k-longer", dict(topk=0.5, topp=0.2)),
+    ("hybrid-same-run", dict(topk=0.2, topp=0.3)),  # both cuts inside the same tie run
+    ("per-head", dict(topk=torch.tensor([0.3, 0.1]), topp=torch.tensor([0.2, 0.75]))),
+    ("tiny-p", dict(topk=None, topp=1e-6)),  # one block: the lowest index among the best
+    ("p-dense", dict(topk=None, topp=1.0)),  # dense even where probabilities underflow
+    ("k-dense", dict(topk=1.0, topp=None)),
+])
+def test_fused_masker_exact_tie_runs_like_eager(name, kw):
+    from vidsparse.maskers.hybrid import pooled_block_scores
+
+    q, k = _tied_qk()
+    probs = pooled_block_scores(q, k, block_q=32, block_k=16)
+    assert (probs[0, 1] == probs[0, 1, :, :1]).all() and (probs[0, 0, 4] == 0).sum() == 12  # the ties are real
+    topp = kw["topp"]
+    if topp is not None:
+        # the test's p values sit clear of every cumulative sum, so float rounding cannot decide
+        csum = torch.sort(probs, dim=-1, descending=True, stable=True).values.cumsum(-1)
+        p = topp if not isinstance(topp, torch.Tensor) else topp.to(DEVICE)[None, :, None, None]
+        near = ((csum - p).abs() < 1e-4) & (torch.as_tensor(p, device=DEVICE) < 1.0)
+        assert not near.any()
+    eager = vidsparse.hybrid_block_mask(q, k, block_q=32, block_k=16, **kw)
+    fused = fused_hybrid_block_mask(q, k, block_q=32, block_k=16, **kw)
+    assert torch.equal(eager.dense, fused.dense)
+    assert torch.equal(eager.kv_counts, fused.kv_counts)
+    assert torch.equal(eager.kv_indices, fused.kv_indices)
+    if name == "topk":  # head 1 ties everywhere: the floor(0.3 * 19) = 5 lowest indices
+        assert fused.dense[0, 1, :, :5].all() and not fused.dense[0, 1, :, 5:].any()
+    if name == "tiny-p":  # block 1 is the first of head 0's best run (A = 3), block 0 of head 1's
+        assert fused.kv_counts.eq(1).all() and fused.kv_indices[..., 0].flatten().tolist() == [1] * 5 + [0] * 5
+    if name.endswith("dense"):
+        assert fused.dense.all()
+
+
+@pytest.mark.parametrize("topk, topp, n_keep", [(None, 0.25, 4), (0.1, 0.25, 4), (0.5, 0.25, 8), (None, 0.2, 4)])
+def test_fused_masker_top_p_exact_boundary(topk, topp, n_keep):
+    # all 16 key blocks equal: every probability is exactly 1/16, so the sums are exact and p = 0.25
+    # is reached at the 4th block; the mass strictly before a kept block must be < p
+    q = torch.randn(1, 2, 100, 16, device=DEVICE)
+    k = torch.zeros(1, 2, 16 * 16 - 3, 16, device=DEVICE)
+    eager = vidsparse.hybrid_block_mask(q, k, topk=topk, topp=topp, block_q=32, block_k=16)
+    fused = fused_hybrid_block_mask(q, k, topk=topk, topp=topp, block_q=32, block_k=16)
+    assert torch.equal(eager.dense, fused.dense)
+    assert fused.dense[..., :n_keep].all() and not fused.dense[..., n_keep:].any()
+
+
+@pytest.mark.parametrize("case", [
+    # lq, lk, d, block_q, block_k, dtype: tails on both sides; d = 48 pads to 64; block_q = 256 at
+    # d = 128 takes two steps per block; block_k = 16 pools several blocks per program
+    (300, 200, 48, 128, 64, torch.float32),
+    (300, 457, 128, 256, 16, torch.float16),
+])
+def test_fused_pool_single_launch_matches_torch_mean(case):
+    from vidsparse.kernels.triton_masker import _pool, pool_blocks
+
+    lq, lk, d, bq, bk, dtype = case
+    q = torch.randn(2, 3, lq, d, device=DEVICE).to(dtype)  # BHND, contiguous
+    k = torch.randn(2, lk, 3, d, device=DEVICE).to(dtype).transpose(1, 2)  # a BNHD view
+
+    def ref(x, block):
+        return torch.stack([x[:, :, i: i + block].float().mean(2) for i in range(0, x.shape[2], block)], 2)
+
+    q_mean, k_mean = _pool(q, bq, k, bk)
+    torch.testing.assert_close(q_mean, ref(q, bq), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_mean, ref(k, bk), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool_blocks(k, bk), k_mean, rtol=0, atol=0)
+
+
 def test_triton_refuses_bf16_in_interpreter_and_float64():
     if DEVICE == "cuda":
         pytest.skip("interpreter-only behaviour")
@@ -249,23 +339,19 @@ def test_gpu_low_precision_matches_reference(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("mode", ["1", "ws"])
+@pytest.mark.parametrize("kernels", ["pointer", "tma"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_tma_kernels_match_reference(case, mode, layout, monkeypatch):
-    monkeypatch.setattr(triton_attention, "TMA_MODE", mode)
+def test_gpu_pointer_and_tma_kernels_match_reference(case, kernels, layout, monkeypatch):
+    # each family on its own (the default picks TMA on sm_90+ and the pointer kernels elsewhere)
+    monkeypatch.setattr(triton_attention, "TMA_MODE", "0" if kernels == "pointer" else "1")
+    if kernels == "tma":
+        monkeypatch.setattr(triton_attention, "_fwd_kernel", None)
+        monkeypatch.setattr(triton_attention, "_bwd_dkdv_kernel", None)
     b, h, lq, lk, d, bq, bk, density = case
     q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda", layout=layout)
     mask = _random_mask(b, h, lq, lk, bq, bk, density, device="cuda")
     _check_against_reference(q, k, v, mask, tol=2e-2, layout=layout)
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_fused_dq_matches_reference(case, monkeypatch):
-    monkeypatch.setattr(triton_attention, "FUSED_DQ", True)
-    b, h, lq, lk, d, bq, bk, density = case
-    q, k, v = _qkv(b, h, lq, lk, d, torch.bfloat16, device="cuda")
-    mask = _random_mask(b, h, lq, lk, bq, bk, density, device="cuda")
-    _check_against_reference(q, k, v, mask, tol=2e-2)
 
 @pytest.mark.gpu
 def test_gpu_large_offsets_do_not_overflow():

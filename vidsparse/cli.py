@@ -28,11 +28,12 @@ def _cmd_info(argv: list[str]) -> int:
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter (slow; no bf16)")
-    # opt-in kernel variants (vidsparse/kernels/triton_attention.py), not yet the measured default
-    for var, what in (("VIDSPARSE_TMA", "TMA tensor-descriptor forward and dK/dV kernels ('ws': warp-specialised)"),
-                      ("VIDSPARSE_FUSED_DQ", "dQ accumulated inside the dK/dV pass with atomics")):
-        if os.environ.get(var, "0") not in ("", "0"):
-            print(f"{var}={os.environ[var]}: {what}")
+    # which attention kernels run (vidsparse/kernels/triton_attention.py)
+    tma = os.environ.get("VIDSPARSE_TMA", "") or "auto"
+    tma_what = {"auto": "TMA forward and dK/dV kernels for bf16/fp16 on sm_90+ GPUs, pointer kernels elsewhere",
+                "0": "pointer kernels only (TMA kernels off)",
+                "1": "TMA kernels wherever they apply, the CPU interpreter included"}
+    print(f"VIDSPARSE_TMA={tma}: {tma_what.get(tma, 'not a valid value (auto, 0 or 1)')}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -1,24 +1,23 @@
 """Triton block-sparse FlashAttention: forward, backward, autograd and a torch.library custom op.
 
-Kernels (pointer arithmetic, or TMA tensor descriptors in the opt-in variants; block pointers
-are gone in Triton 3.9):
+Kernels (pointer arithmetic, or TMA tensor descriptors on Hopper and newer; block pointers are
+gone in Triton 3.9):
 
 * ``_fwd_kernel``: one program per (query tile, batch*head). It walks only the key blocks listed
   in the mask's index table for its query block, with an exp2 online softmax, and writes O and
   the natural-log LSE.
-* ``_fwd_tma_kernel``: the same forward with Q, K, V and O moved by TMA tensor descriptors
-  (optionally warp-specialised); opt-in with ``VIDSPARSE_TMA=1`` (or ``ws``) until it has been
-  timed against ``_fwd_kernel`` on a GPU (``benchmarks/kernel_variants.py``). Tested under the
-  interpreter like the others.
+* ``_fwd_tma_kernel``: the same forward with Q, K, V and O moved by TMA tensor descriptors. The
+  default for bf16/fp16 on GPUs of compute capability >= 9.0 with 16-byte aligned strides: on an
+  H100 it ran the 95%-sparse forward 1.32x and the dense one 1.21x faster than ``_fwd_kernel``
+  (``benchmarks/kernel_variants.py``, docs/results.md §2e). ``VIDSPARSE_TMA=0`` turns both TMA
+  kernels off; ``1`` also uses them under the interpreter (tests).
 * ``_bwd_delta_kernel``: delta = rowsum(O * dO), in fp32.
 * ``_bwd_dkdv_kernel``: one program per (key tile, batch*head), walking the query blocks that keep
-  its key block (the mask's transposed table); accumulates dK and dV. Deterministic, no atomics.
-  Opt-in (``VIDSPARSE_FUSED_DQ=1``, pending a GPU measurement): it also adds each tile's share of
-  dQ with fp32 atomics (5 matrix products per block pair instead of 7; dQ no longer bit-exact run
-  to run), and the dQ pass is skipped.
+  its key block (the mask's transposed table); accumulates dK and dV. Deterministic, no atomics
+  (adding dQ here with fp32 atomics instead of a dQ pass was 1.46x slower on an H100, §2e).
 * ``_bwd_dq_kernel``: one program per (query tile, batch*head), walking the kept key blocks.
-* ``_bwd_dkdv_tma_kernel``: the dK/dV pass through tensor descriptors, opt-in like
-  ``_fwd_tma_kernel``.
+* ``_bwd_dkdv_tma_kernel``: the dK/dV pass through tensor descriptors, used where
+  ``_fwd_tma_kernel`` is.
 
 The mask's block shape is honoured whatever the kernel tile: a tile of BLOCK_M query rows always
 lies inside one mask row (BLOCK_M divides block_q) and a mask block of block_k keys is processed
@@ -32,6 +31,7 @@ Triton's interpreter, so the backend refuses it there).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -96,8 +96,8 @@ def _configs(options):
 # cuDNN 11.2 vs 11.6 ms there), so it was dropped. docs/results.md has the measurements.
 # Peeling the ragged tail block off the key loop (unmasked loop, one masked step) made no
 # difference dense and was 13% slower at 95% sparsity (H100, 1.026 vs 0.905 ms, same run, twice),
-# so every step keeps its key mask. Nsight Compute: 186 registers per thread -> one 8-warp CTA per
-# SM (12.5% occupancy), 37% SM / 36% memory throughput: latency-bound (docs/results.md).
+# so every step keeps its key mask. Nsight Compute: 186-232 registers per thread -> one 8-warp CTA
+# per SM (12.5% occupancy), 37% SM / 34-36% memory throughput: latency-bound (docs/results.md).
 _FWD_OPTIONS = [({}, 8, 3), ({}, 4, 3), ({}, 8, 2), ({}, 4, 2), ({}, 8, 4)]
 # Backward options, the default first: docs/results.md §2d has the sweep (H100, 1.3B shape) that
 # ordered them. dK/dV: 32-row query steps without software pipelining (num_stages=1) were 1.49x
@@ -192,11 +192,15 @@ def _fwd_kernel(
     tl.store(lse_ptrs, lse, mask=m_valid)
 
 
-# TMA variant of the forward (opt-in with VIDSPARSE_TMA=1 until it is measured on a GPU): Q, K, V
-# and O move through tensor descriptors, so no per-element pointer tensors occupy registers (the
-# pointer kernel above needs 186 per thread, which caps it at one CTA per SM); out-of-range rows
-# of a ragged tail load as zeros. WARP_SPEC asks Triton to warp-specialise the key loop.
-@triton.autotune(configs=_configs(_FWD_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_K", "WARP_SPEC"])
+# TMA variant of the forward: Q, K, V and O move through tensor descriptors, so no per-element
+# pointer tensors occupy registers; out-of-range rows of a ragged tail load as zeros. Triton's
+# warp specialisation of the key loop (tl.range(warp_specialize=True)) failed to compile here
+# with Triton 3.6 ("NVGPUWarpSpecialization" pass), so the loop is a plain one. The autotuner
+# picked 4 warps / 2 stages on an H100 (1.3B shape, dense and 95%), so that is the default.
+_FWD_TMA_OPTIONS = [({}, 4, 2), ({}, 8, 3), ({}, 4, 3), ({}, 8, 2)]
+
+
+@triton.autotune(configs=_configs(_FWD_TMA_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_K"])
 @triton.jit
 def _fwd_tma_kernel(
     q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT,
@@ -206,7 +210,7 @@ def _fwd_tma_kernel(
     H, q_len, k_len, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_K: tl.constexpr, WARP_SPEC: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -224,7 +228,7 @@ def _fwd_tma_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t in tl.range(0, cnt * (BLOCK_K // BLOCK_N), warp_specialize=WARP_SPEC):
+    for t in tl.range(0, cnt * (BLOCK_K // BLOCK_N)):
         j = tl.load(idx_base + (t // (BLOCK_K // BLOCK_N)) * sit)
         start_n = j * BLOCK_K + (t % (BLOCK_K // BLOCK_N)) * BLOCK_N
         kk = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -268,12 +272,10 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs, delta, mask=offs < q_len)
 
 
-# reset_to_zero: with FUSED_DQ the autotuner's timing runs would add into DQ32 again and again
-@triton.autotune(configs=_configs(_DKDV_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE", "FUSED_DQ"],
-                 reset_to_zero=["DQ32"])
+@triton.autotune(configs=_configs(_DKDV_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_N", "BLOCK_D", "IEEE"])
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT, DQ32,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_IDX, Q_CNT,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -282,12 +284,10 @@ def _bwd_dkdv_kernel(
     scb, sch, scm,
     H, q_len, k_len, head_dim, qk_scale, sm_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     SUB_M: tl.constexpr,
 ):
-    # SUB_M query rows per step (capped by the mask's block_q). FUSED_DQ: also add this key
-    # tile's share of dQ into DQ32 ((B*H, q_len, BLOCK_D) float32, zeroed) with atomics, so the
-    # dQ pass is skipped (opt-in: VIDSPARSE_FUSED_DQ=1).
+    # SUB_M query rows per step (capped by the mask's block_q)
     BLOCK_M: tl.constexpr = SUB_M if SUB_M < BLOCK_Q else BLOCK_Q
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -334,10 +334,6 @@ def _bwd_dkdv_kernel(
             dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
             dst = pt * (dpt - delta[None, :])
             dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, IEEE)
-            if FUSED_DQ:
-                dq = _dot(tl.trans(dst.to(k.dtype)), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), IEEE)
-                dq_ptrs = DQ32 + (row_base + start_m + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
-                tl.atomic_add(dq_ptrs, dq * sm_scale, mask=m_valid[:, None] & d_valid[None, :], sem="relaxed")
 
     dk = dk * sm_scale
     dk_ptrs = DK + b * skb + h * skh + start_n.to(tl.int64) * skn + offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -346,9 +342,10 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-# TMA variant of the dK/dV pass (opt-in with the forward's VIDSPARSE_TMA): 32 query rows per
-# step, the shape the sweep of docs/results.md §2d found fastest for the pointer kernel.
-_DKDV_TMA_OPTIONS = [({}, 4, 1), ({}, 4, 2), ({}, 8, 1), ({}, 4, 3)]
+# TMA variant of the dK/dV pass (with the TMA forward): 32 query rows per step, the shape the
+# sweep of docs/results.md §2d found fastest for the pointer kernel; the autotuner picked 4 warps
+# / 3 stages on an H100 (1.3B shape, dense and 95%), so that is the default.
+_DKDV_TMA_OPTIONS = [({}, 4, 3), ({}, 4, 1), ({}, 4, 2), ({}, 8, 1)]
 
 
 @triton.autotune(configs=_configs(_DKDV_TMA_OPTIONS), key=["BLOCK_Q", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_D"])
@@ -486,26 +483,32 @@ def _table(idx: torch.Tensor, cnt: torch.Tensor, b: int, h: int):
 
 
 def _env_choice(var: str, allowed: tuple[str, ...]) -> str:
-    value = os.environ.get(var, "0") or "0"
+    """The variable's value (unset or empty: the first allowed), or a clear error."""
+    value = os.environ.get(var, "") or allowed[0]
     if value not in allowed:
         raise ValueError(f"environment variable {var} must be one of {allowed}, got {value!r}")
     return value
 
 
-# "1": the forward uses _fwd_tma_kernel where it can; "ws": also warp-specialised; else pointers.
-TMA_MODE = _env_choice("VIDSPARSE_TMA", ("0", "1", "ws"))
-# dQ accumulated by the dK/dV pass with fp32 atomics instead of its own pass (pointer kernels).
-FUSED_DQ = _env_choice("VIDSPARSE_FUSED_DQ", ("0", "1")) == "1"
+# VIDSPARSE_TMA: "auto" (default) uses the TMA forward and dK/dV kernels for bf16/fp16 on GPUs
+# with TMA (compute capability >= 9.0); "1" also under the interpreter (for tests); "0" never.
+TMA_MODE = _env_choice("VIDSPARSE_TMA", ("auto", "0", "1"))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _tma_ok(block_d: int, *tensors: torch.Tensor) -> bool:
-    """Whether the TMA kernels may take these tensors (the first sets the dtype): the mode is on,
-    the dtype suits, and tensor descriptors get 16-byte aligned bases and strides and a unit last
-    stride."""
+    """Whether the TMA kernels take these tensors (the first sets dtype and device): the mode
+    allows it, the GPU has TMA and the dtype is 16-bit (or, with mode "1", the interpreter runs
+    them), and the descriptors get 16-byte aligned bases and strides and a unit last stride."""
     q = tensors[0]
-    if TMA_MODE not in ("1", "ws") or block_d > 128:
+    if TMA_MODE == "0" or block_d > 128:
         return False
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) and not (_INTERPRET and q.dtype != torch.float64):
+    on_gpu = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_tma(q.device)
+    if not on_gpu and not (TMA_MODE == "1" and _INTERPRET and q.dtype != torch.float64):
         return False
     for t in tensors:
         size = t.element_size()
@@ -533,7 +536,7 @@ def _forward(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, scale: float):
             lse, kv_idx, kv_cnt, lse.stride(0), lse.stride(1), *_strides4(kv_idx), *kv_cnt.stride(),
             h, lq, lk, scale * _LOG2E,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-            EVEN_K=lk % bn == 0, WARP_SPEC=TMA_MODE == "ws",
+            EVEN_K=lk % bn == 0,
         )
         return o, lse
     grid = (triton.cdiv(lq, bm), b * h)
@@ -574,17 +577,12 @@ def _backward(do, q, k, v, o, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_q: int, b
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_M=sub, BLOCK_N=bn, BLOCK_D=bd,
         )
     else:
-        # with FUSED_DQ the pass also accumulates dQ (float32, zeroed); without, it never touches dq
-        dq32 = torch.zeros(b * h, lq, bd, dtype=torch.float32, device=q.device) if FUSED_DQ else dq
         _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
-            q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, dq32,
+            q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
             *_strides4(q_idx), *q_cnt.stride(),
-            h, lq, lk, d, scale * _LOG2E, scale, FUSED_DQ=FUSED_DQ, **common,
+            h, lq, lk, d, scale * _LOG2E, scale, **common,
         )
-        if FUSED_DQ:
-            dq.copy_(dq32[..., :d].unflatten(0, (b, h)))
-            return dq, dk, dv
     _bwd_dq_kernel[lambda meta: (triton.cdiv(lq, min(meta["SUB_M"], block_q)), b * h)](
         q, k, v, do, lse, delta, dq, kv_idx, kv_cnt,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do),
