@@ -7,6 +7,8 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
 LIMIT_MIN=${LIMIT_MIN:-9.0}
 start=$(date +%s)
+# a warm machine keeps runs/ from an earlier call; this run starts afresh from the shipped weights
+rm -rf runs/tiny_wan2
 args=(--steps auto --init-from vidsparse/assets/tiny_wan --seed ${SEED:-1} --lr ${LR:-5e-4} --warmup-steps 100 --no-progress)
 python3 -m vidsparse.training.pretrain --out runs/tiny_wan2 "${args[@]}" --compile --time-limit-min "$LIMIT_MIN" > "$OUT/pretrain.log" 2>&1
 rc=$?
