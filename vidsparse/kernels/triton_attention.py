@@ -8,7 +8,7 @@ gone in Triton 3.9):
   the natural-log LSE.
 * ``_fwd_tma_kernel``: the same forward with Q, K, V and O moved by TMA tensor descriptors. The
   default for bf16/fp16 on GPUs of compute capability >= 9.0 with 16-byte aligned strides: on an
-  H100 it ran the 95%-sparse forward 1.32x and the dense one 1.21x faster than ``_fwd_kernel``
+  H100 it ran the 95%-sparse forward 1.28-1.32x and the dense one 1.20x faster than ``_fwd_kernel``
   (``benchmarks/kernel_variants.py``, docs/results.md §2e). ``VIDSPARSE_TMA=0`` turns both TMA
   kernels off; ``1`` also uses them under the interpreter (tests).
 * ``_bwd_delta_kernel``: delta = rowsum(O * dO), in fp32.
