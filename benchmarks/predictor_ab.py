@@ -48,15 +48,7 @@ def load_baseline(path: str):
 
 def graph_ms(fn) -> float:
     """Median GPU time of fn replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay)
+    return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
 
 
 def main() -> int:

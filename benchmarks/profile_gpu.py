@@ -61,7 +61,8 @@ def main(argv=None) -> int:
         for w in (1, 2, 4, 8):
             def sel(w=w, nk=nk, tp=tp):
                 _select_kernel[(nqb, b * h)](scores, dense, idx, cnt, nk, tp, h, nqb, nkb, n, 128, 64, d ** -0.5,
-                                             NKB_P2=triton.next_power_of_2(nkb), KEEP_SINK=False, KEEP_DIAG=False, num_warps=w)
+                                             NKB_P2=triton.next_power_of_2(nkb), KEEP_SINK=False, KEEP_DIAG=False,
+                                             HAS_TOPK=True, HAS_TOPP=topp is not None, num_warps=w)
             rows[f"select topk=0.05 topp={topp} warps={w}"] = (bench(sel), "")
     pred = lambda: fused_hybrid_block_mask(q, k, topk=0.05, topp=None)  # noqa: E731
     rows["predictor total (do_bench)"] = (bench(pred), "")

@@ -85,9 +85,9 @@ def _select_kernel(
     SCORES, DENSE, KV_IDX, KV_CNT, NK, TOPP,
     H, nqb, nkb, q_len, block_q, block_k, scale,
     NKB_P2: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
-    # which bisections run (the host knows whether topk/topp is None); both by default, where the
-    # tables' sentinels (NK = 0, TOPP < 0) still switch a rule off
-    HAS_TOPK: tl.constexpr = True, HAS_TOPP: tl.constexpr = True,
+    # which bisections run (the host knows whether topk/topp is None); within a running rule the
+    # tables' sentinels (NK = 0, TOPP < 0) still switch it off per head
+    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
