@@ -5,8 +5,10 @@
 #   OUT=out bash benchmarks/ncu_attention.sh                 # default kernels (TMA on sm_90+)
 #   OUT=out VIDSPARSE_TMA=0 bash benchmarks/ncu_attention.sh # the pointer kernels
 #
-# KERNELS (a regex over kernel names) narrows what is profiled. $OUT/ncu_attention.txt gets the
-# full report; the key lines are printed.
+# KERNELS (a regex over kernel names) narrows what is profiled; LAUNCH_SKIP / LAUNCH_COUNT count
+# launches of the matching kernels only (defaults 3 / 3: the second iteration of forward, dK/dV and
+# dQ; for KERNELS=_fwd use 1 / 1). NAME names the report, $OUT/$NAME.txt (default ncu_attention);
+# the key lines are printed.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
@@ -26,9 +28,9 @@ torch.cuda.synchronize()
 PY
 # the second iteration is profiled (the first compiles)
 VIDSPARSE_AUTOTUNE=0 timeout 300 ncu --clock-control none --kernel-name regex:"${KERNELS:-_fwd|_bwd_dkdv|_bwd_dq}" \
-  --launch-skip 3 --launch-count 3 \
+  --launch-skip "${LAUNCH_SKIP:-3}" --launch-count "${LAUNCH_COUNT:-3}" \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
   --section WarpStateStats --section ComputeWorkloadAnalysis \
-  python3 /tmp/ncu_attention_target.py > "$OUT/ncu_attention.txt" 2>&1
+  python3 /tmp/ncu_attention_target.py > "$OUT/${NAME:-ncu_attention}.txt" 2>&1
 grep -E "^  [_a-zA-Z].*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Block Limit|Shared Memory Configuration Size|Local" \
-  "$OUT/ncu_attention.txt" | head -90
+  "$OUT/${NAME:-ncu_attention}.txt" | head -90
