@@ -190,6 +190,7 @@ def test_synthetic_demo_writes_mask_and_summary(tmp_path, capsys):
         (["--height", "8"], "--height"),  # synthetic-only
         (["--synthetic", "--model", "x"], "--model"),
         (["--synthetic", "--steps", "3"], "--steps"),
+        (["--synthetic", "--keep-diagonal"], "--keep-diagonal"),
         (["--model", "/no/such/model"], "--model"),
         (["--size", "30"], "--size"),
         (["--layer", "5"], "--layer"),
@@ -237,6 +238,13 @@ def test_sparse_side_settings_from_the_student_and_the_flags(tmp_path):
     assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], 0.3, other)
     cfg = demo._sparse_config(parser.parse_args([]), parser, None)
     assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (demo.DEMO_TOPK, demo.DEMO_TOPP, "raster")
+    assert (cfg.keep_diagonal, cfg.keep_sink) == (False, False)
+    # the priors: from the student's file, or switched on by the flags
+    (tmp_path / "sparse_config.json").write_text(json.dumps({"topk": 0.05, "topp": None, "keep_diagonal": True}))
+    cfg = demo._sparse_config(parser.parse_args([]), parser, tmp_path)
+    assert (cfg.keep_diagonal, cfg.keep_sink, cfg.topp) == (True, False, None)
+    cfg = demo._sparse_config(parser.parse_args(["--keep-sink"]), parser, None)
+    assert (cfg.keep_diagonal, cfg.keep_sink) == (False, True)
     (tmp_path / "sparse_config.json").write_text("not json")
     with pytest.raises(SystemExit):
         demo._sparse_config(parser.parse_args([]), parser, tmp_path)

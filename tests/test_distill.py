@@ -261,20 +261,22 @@ def test_diffusion_only_run_and_time_limit(tmp_path):
     assert len(list_checkpoints(tmp_path)) == 1  # the stop still checkpoints
 
 
-def test_cli_token_order_is_trained_and_recorded_with_the_student(tmp_path):
+def test_cli_token_order_and_priors_are_trained_and_recorded_with_the_student(tmp_path):
     model_dir = tmp_path / "model"
     _mini_model().save_pretrained(model_dir, safe_serialization=True)
     out = tmp_path / "out"
     args = ["--model", str(model_dir), "--out", str(out), "--steps", "1", "--batch-size", "2", "--timesteps", "uniform",
             "--topk", "0.25", "--topp", "0.5", "--block-q", "16", "--block-k", "16", "--backend", "reference",
-            "--token-order", "tiled", "--frames", "4", "--size", "16", "--device", "cpu", "--no-progress"]
+            "--token-order", "tiled", "--keep-diagonal", "--frames", "4", "--size", "16", "--device", "cpu",
+            "--no-progress"]
     assert main(args) == 0
-    assert "token_order='tiled'" in json.loads((out / "summary.json").read_text())["sparse_config"]
+    recorded = json.loads((out / "summary.json").read_text())["sparse_config"]
+    assert "token_order='tiled'" in recorded and "keep_diagonal=True" in recorded and "keep_sink=False" in recorded
     # what `vidsparse demo --distilled-path` and `vidsparse eval` read back
     from vidsparse.evaluate import read_sparse_setting
 
     assert read_sparse_setting(out / "student") == {"topk": 0.25, "topp": 0.5, "block_q": 16, "block_k": 16,
-                                                   "token_order": "tiled"}
+                                                   "token_order": "tiled", "keep_diagonal": True, "keep_sink": False}
 
 
 def test_cli_rejects_an_unknown_token_order(capsys):

@@ -238,12 +238,31 @@ def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
         _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
 
 
+def test_cli_priors_from_a_setting_and_from_a_students_sparse_config(tmp_path):
+    # keep_diagonal / keep_sink reach the SparseConfig, from --setting keys and from sparse_config.json
+    from vidsparse.evaluate import _parser, _settings
+
+    parser = _parser()
+    args = parser.parse_args(["--setting", "d:topk=0.05,keep-diagonal=true,keep_sink=0", "--setting", "s:topp=0.3,keep_sink=yes"])
+    cfgs = [s.config("reference") for s in _settings(args, parser)[1:]]
+    assert [(c.keep_diagonal, c.keep_sink) for c in cfgs] == [(True, False), (False, True)]
+    (tmp_path / "sparse_config.json").write_text('{"topk": 0.05, "topp": 0.1, "keep_diagonal": true, "keep_sink": false}')
+    setting = _settings(parser.parse_args(["--model", str(tmp_path)]), parser)[-1]
+    assert setting.name == "hybrid+diagonal"
+    cfg = setting.config("reference")
+    assert (cfg.keep_diagonal, cfg.keep_sink, float(cfg.topk)) == (True, False, 0.05)
+    (tmp_path / "sparse_config.json").write_text('{"topk": 0.05, "keep_diagonal": "false"}')
+    with pytest.raises(SystemExit):  # not a JSON bool: refused, not read as True
+        _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--setting", "x:topk=0.1,top=0.2"], "unknown setting key 'top'"),
         (["--setting", "x:topk=1.5"], "must lie in (0, 1]"),
         (["--setting", "x:topk=abc"], "expected a number"),
+        (["--setting", "x:topk=0.1,keep_diagonal=maybe"], "keep_diagonal: expected true or false"),
         (["--setting", "justaname"], "expected NAME:topk=X,topp=Y"),
         (["--setting", "x:topk=none,topp=none"], "give topk and/or topp"),
         (["--setting", "x:topk=0.1", "--setting", "x:topp=0.2"], "duplicate setting name"),

@@ -311,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEMO_TOPP}: ~95%% sparsity on the embedded model; SparseConfig's 0.2 gives ~90%%)")
     parser.add_argument("--block-q", type=_block, default=None, help="tokens per query block (default 128)")
     parser.add_argument("--block-k", type=_block, default=None, help="tokens per key block (default 64)")
+    parser.add_argument("--keep-diagonal", action="store_true", default=None,
+                        help="also keep each query block's own key blocks (default: the distilled student's "
+                             "sparse_config.json, else off)")
+    parser.add_argument("--keep-sink", action="store_true", default=None,
+                        help="also keep the first key block (default: sparse_config.json, else off)")
     parser.add_argument("--samples", type=_positive_int, default=None,
                         help=f"conditions to sample (default {GPU_SAMPLES} on GPU, {CPU_SAMPLES} on CPU)")
     parser.add_argument("--steps", type=_positive_int, default=None,
@@ -340,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _MODEL_ONLY = ("model", "distilled", "distilled_path", "samples", "steps", "guidance_scale", "shift",
-               "layer", "size")
+               "layer", "size", "token_order", "keep_diagonal", "keep_sink")
 
 
 def _check_flags(args, parser) -> None:
@@ -532,7 +537,8 @@ class _MaskCapture:
 
 def _sparse_config(args, parser, distilled_dir: Path | None):
     """The sparse side's SparseConfig: the flags, else the distilled directory's
-    ``sparse_config.json`` (topk, topp, block_q, block_k; what the student was distilled with),
+    ``sparse_config.json`` (topk, topp, block_q, block_k, token_order, keep_diagonal, keep_sink;
+    what the student was distilled with),
     else DEMO_TOPK / DEMO_TOPP and 128 x 64 blocks."""
     from vidsparse.integrations import SparseConfig
 
@@ -552,7 +558,7 @@ def _sparse_config(args, parser, distilled_dir: Path | None):
         fields["topk"] = args.topk
     if args.topp is not _UNSET:
         fields["topp"] = args.topp
-    for name in ("block_q", "block_k", "token_order"):
+    for name in ("block_q", "block_k", "token_order", "keep_diagonal", "keep_sink"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     try:
@@ -762,7 +768,10 @@ def model_main(args, parser) -> dict:
     backend = "Triton kernels" if cuda else "gather backend (eager PyTorch over the kept blocks only)"
     print(f"  sparse side: {'distilled student ' + str(distilled_dir) + ', ' if student is not None else ''}"
           f"topk={_fmt_frac(sparse_cfg.topk)}, topp={_fmt_frac(sparse_cfg.topp)}, "
-          f"blocks {sparse_cfg.block_q}x{sparse_cfg.block_k}, {sparse_cfg.token_order} token order, {backend}")
+          f"blocks {sparse_cfg.block_q}x{sparse_cfg.block_k}, {sparse_cfg.token_order} token order, "
+          + "".join(f"{name} kept, " for name, on in (("diagonal", sparse_cfg.keep_diagonal),
+                                                       ("sink", sparse_cfg.keep_sink)) if on)
+          + backend)
     progress = not args.no_progress
     common = dict(steps=steps, guidance_scale=guidance, shift=shift, device=device)
     sparse_model = student if student is not None else model

@@ -461,12 +461,15 @@ def evaluate_variant(
 _GPU_DEFAULTS = {"clips": 64, "num_t": 8, "samples": 4, "steps": 20, "batch_size": 16, "shape_samples": 16}
 # a default CPU run (dense + the default hybrid) stays at a few minutes on 2 cores
 _CPU_DEFAULTS = {"clips": 4, "num_t": 4, "samples": 1, "steps": 6, "batch_size": 4, "shape_samples": 0}
-_SETTING_KEYS = ("topk", "topp", "block_q", "block_k")
+_SETTING_KEYS = ("topk", "topp", "block_q", "block_k", "keep_diagonal", "keep_sink")
+_PRIORS = ("keep_diagonal", "keep_sink")
 
 
 class _Setting:
-    def __init__(self, name: str, topk, topp, block_q: int, block_k: int):
+    def __init__(self, name: str, topk, topp, block_q: int, block_k: int, *, keep_diagonal: bool = False,
+                 keep_sink: bool = False):
         self.name, self.topk, self.topp, self.block_q, self.block_k = name, topk, topp, block_q, block_k
+        self.keep_diagonal, self.keep_sink = keep_diagonal, keep_sink
 
     @property
     def method(self) -> str:
@@ -482,7 +485,8 @@ class _Setting:
         from .integrations.config import SparseConfig
 
         return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
-                            token_order=token_order, backend=backend)
+                            token_order=token_order, backend=backend, keep_diagonal=self.keep_diagonal,
+                            keep_sink=self.keep_sink)
 
 
 def _fraction_arg(flag: str, text: str):
@@ -509,8 +513,18 @@ def _block_arg(flag: str, text) -> int:
     return value
 
 
+def _bool_arg(flag: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{flag}: expected true or false, got {text!r}")
+
+
 def _parse_setting(text: str, block_q: int, block_k: int) -> _Setting:
-    """``NAME:topk=0.05,topp=none`` -> a setting; omitted rules are off, block sizes default to --block-q/-k."""
+    """``NAME:topk=0.05,topp=none`` -> a setting; omitted rules are off, block sizes default to
+    --block-q/-k; ``keep_diagonal=true`` / ``keep_sink=true`` add the locality / sink priors."""
     name, sep, body = text.partition(":")
     name = name.strip()
     where = f"--setting {text!r}"
@@ -530,12 +544,15 @@ def _parse_setting(text: str, block_q: int, block_k: int) -> _Setting:
             raise ValueError(f"{where}: {key} given twice")
         if key in ("topk", "topp"):
             values[key] = _fraction_arg(f"{where} {key}", value)
+        elif key in _PRIORS:
+            values[key] = _bool_arg(f"{where} {key}", value)
         else:
             values[key] = _block_arg(f"{where} {key}", value.strip())
     topk, topp = values.get("topk"), values.get("topp")
     if topk is None and topp is None:
         raise ValueError(f"{where}: give topk and/or topp (a setting with neither is the dense baseline)")
-    return _Setting(name, topk, topp, values.get("block_q", block_q), values.get("block_k", block_k))
+    return _Setting(name, topk, topp, values.get("block_q", block_q), values.get("block_k", block_k),
+                    **{k: values[k] for k in _PRIORS if k in values})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -553,7 +570,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="dense reference model for PSNR/SSIM (default: --model)")
     p.add_argument("--setting", action="append", default=[], metavar="NAME:topk=X,topp=Y",
                    help="a sparse setting to evaluate (repeatable); keys topk, topp (a number in (0, 1] or "
-                   "'none'), block_q, block_k; an omitted rule is off. Replaces the default hybrid setting.")
+                   "'none'), block_q, block_k, keep_diagonal, keep_sink (true/false: the locality and sink "
+                   "priors); an omitted rule is off. Replaces the default hybrid setting.")
     p.add_argument("--topk", default=None, help=f"Top-k of the default setting (default: the model directory's "
                    f"sparse_config.json if it has one, else {DEFAULT_TOPK}; 'none' = off)")
     p.add_argument("--topp", default=None, help=f"Top-p of the default setting (default: sparse_config.json, else "
@@ -587,7 +605,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def read_sparse_setting(directory: str | Path) -> dict:
     """The ``sparse_config.json`` of a model directory (a distilled student's mask: topk, topp,
-    block_q, block_k), or {} when there is none. Raises ValueError when it cannot be read."""
+    block_q, block_k, token_order, keep_diagonal, keep_sink), or {} when there is none. Raises
+    ValueError when it cannot be read."""
     path = Path(directory) / "sparse_config.json"
     if not path.is_file():
         return {}
@@ -597,7 +616,8 @@ def read_sparse_setting(directory: str | Path) -> dict:
         raise ValueError(f"unreadable {path} ({e})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"unreadable {path} (expected a JSON object)")
-    return {k: saved[k] for k in ("topk", "topp", "block_q", "block_k", "token_order") if k in saved}
+    keys = ("topk", "topp", "block_q", "block_k", "token_order") + _PRIORS
+    return {k: saved[k] for k in keys if k in saved}
 
 
 def _saved_setting(model: str | None, parser) -> dict:
@@ -625,7 +645,9 @@ def _settings(args, parser) -> list[_Setting]:
             if topk is None and topp is None:
                 raise ValueError("--topk none --topp none leaves no rule: that is the dense baseline, always included")
             name = "hybrid" if topk is not None and topp is not None else ("topk" if topp is None else "topp")
-            settings.append(_Setting(name, topk, topp, block_q, block_k))
+            priors = {k: saved[k] for k in _PRIORS if k in saved}  # SparseConfig checks they are bools
+            name += "".join("+" + k.removeprefix("keep_") for k, on in priors.items() if on is True)
+            settings.append(_Setting(name, topk, topp, block_q, block_k, **priors))
         for text in args.setting:
             settings.append(_parse_setting(text, block_q, block_k))
         names = [s.name for s in settings]

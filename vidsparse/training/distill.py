@@ -125,7 +125,7 @@ class DistillConfig:
         lora_targets: "attention" (to_q, to_k, to_v, to_out.0 of attn1 and attn2) or
             "attention+ffn" (also the two FFN projections).
         gradient_checkpointing: recompute every transformer block in the backward pass.
-        topk, topp, block_q, block_k, backend, token_order: the student's
+        topk, topp, block_q, block_k, backend, token_order, keep_diagonal, keep_sink: the student's
             :class:`vidsparse.SparseConfig` (recorded in the exported student's sparse_config.json).
         data: "train" or "shifted", the split whose clips build x_0.
         frames, size: clip geometry (the condition width is the model's ``text_dim``).
@@ -167,6 +167,8 @@ class DistillConfig:
     block_k: int = 64
     backend: str = "auto"
     token_order: str = "raster"
+    keep_diagonal: bool = False
+    keep_sink: bool = False
     data: str = "train"
     frames: int = 16
     size: int = 64
@@ -227,7 +229,8 @@ class DistillConfig:
         from ..integrations.config import SparseConfig
 
         return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
-                            backend=self.backend, token_order=self.token_order)
+                            backend=self.backend, token_order=self.token_order,
+                            keep_diagonal=self.keep_diagonal, keep_sink=self.keep_sink)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,11 +715,12 @@ def save_student(model: torch.nn.Module, path: str | os.PathLike) -> Path:
 
 def write_sparse_setting(path: str | os.PathLike, sparse_config) -> Path:
     """Record the mask a student was trained for in ``path/sparse_config.json`` (topk, topp,
-    block_q, block_k, token_order): ``vidsparse demo --distilled-path`` and ``vidsparse eval``
-    default to it."""
+    block_q, block_k, token_order, keep_diagonal, keep_sink): ``vidsparse demo --distilled-path``
+    and ``vidsparse eval`` default to it."""
     frac = lambda x: None if x is None else float(x)  # noqa: E731  (Fractions are not JSON)
     setting = {"topk": frac(sparse_config.topk), "topp": frac(sparse_config.topp), "block_q": sparse_config.block_q,
-               "block_k": sparse_config.block_k, "token_order": sparse_config.token_order}
+               "block_k": sparse_config.block_k, "token_order": sparse_config.token_order,
+               "keep_diagonal": sparse_config.keep_diagonal, "keep_sink": sparse_config.keep_sink}
     file = Path(path) / "sparse_config.json"
     file.write_text(json.dumps(setting, indent=1) + "\n")
     return file
@@ -774,6 +778,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=d.backend, help="auto, triton, flex, gather or reference")
     p.add_argument("--token-order", choices=TOKEN_ORDERS, default=d.token_order,
                    help="raster (the model's frame-major order) or tiled (each query block a compact t x h x w tile)")
+    p.add_argument("--keep-diagonal", action="store_true",
+                   help="also keep each query block's own key blocks (locality prior)")
+    p.add_argument("--keep-sink", action="store_true", help="also keep the first key block (attention-sink prior)")
     p.add_argument("--data", choices=("train", "shifted"), default=d.data, help="the split whose clips build x_0")
     p.add_argument("--frames", type=int, default=d.frames)
     p.add_argument("--size", type=int, default=d.size)
@@ -802,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainable=args.trainable, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
             gradient_checkpointing=args.gradient_checkpointing, topk=args.topk,
             topp=args.topp, block_q=args.block_q, block_k=args.block_k, backend=args.backend,
-            token_order=args.token_order, data=args.data,
+            token_order=args.token_order, keep_diagonal=args.keep_diagonal, keep_sink=args.keep_sink, data=args.data,
             frames=args.frames, size=args.size, seed=args.seed, device=args.device, precision=args.precision,
             ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
             time_limit_min=args.time_limit_min, export=not args.no_export,
