@@ -81,7 +81,7 @@ def test_smoke_ablation_end_to_end(tmp_path):
     assert "config.json" in files and "diffusion_pytorch_model.safetensors" in files and len(files) <= 5
     setting = json.loads((out / "distilled_hybrid" / "sparse_config.json").read_text())
     assert setting == {"topk": rows[8]["topk"], "topp": rows[8]["topp"], "block_q": 16, "block_k": 16,
-                       "token_order": "raster"}
+                       "token_order": "raster", "keep_diagonal": False, "keep_sink": False}
     exported = load_tiny_wan(out / "distilled_hybrid")
     assert exported.config.num_layers == 1
     n_params = sum(p.numel() for p in exported.parameters())
