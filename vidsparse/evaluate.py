@@ -461,8 +461,8 @@ def evaluate_variant(
 _GPU_DEFAULTS = {"clips": 64, "num_t": 8, "samples": 4, "steps": 20, "batch_size": 16, "shape_samples": 16}
 # a default CPU run (dense + the default hybrid) stays at a few minutes on 2 cores
 _CPU_DEFAULTS = {"clips": 4, "num_t": 4, "samples": 1, "steps": 6, "batch_size": 4, "shape_samples": 0}
-_SETTING_KEYS = ("topk", "topp", "block_q", "block_k", "keep_diagonal", "keep_sink")
 _PRIORS = ("keep_diagonal", "keep_sink")
+_SETTING_KEYS = ("topk", "topp", "block_q", "block_k") + _PRIORS
 
 
 class _Setting:
@@ -616,8 +616,7 @@ def read_sparse_setting(directory: str | Path) -> dict:
         raise ValueError(f"unreadable {path} ({e})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"unreadable {path} (expected a JSON object)")
-    keys = ("topk", "topp", "block_q", "block_k", "token_order") + _PRIORS
-    return {k: saved[k] for k in keys if k in saved}
+    return {k: saved[k] for k in _SETTING_KEYS + ("token_order",) if k in saved}
 
 
 def _saved_setting(model: str | None, parser) -> dict:
