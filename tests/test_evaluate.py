@@ -128,7 +128,11 @@ def test_shape_accuracy_of_samples():
     r = evaluate_variant(model, None, shape_samples=3, **kw)
     assert r["shape_samples"] == 3 and r["shape_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert evaluate_variant(model, None, shape_samples=3, **kw)["shape_accuracy"] == r["shape_accuracy"]
-    assert evaluate_variant(model, None, **kw)["shape_accuracy"] is None
+    assert sum(sum(row) for row in r["shape_confusion"]) == 3
+    known = [a for a in r["shape_per_shape"].values() if a is not None]
+    assert known and all(0.0 <= a <= 1.0 for a in known)
+    none = evaluate_variant(model, None, **kw)
+    assert none["shape_accuracy"] is None and none["shape_per_shape"] is None and none["shape_confusion"] is None
     cond, emb, noise = _single_object_inputs(3, split="val", seed=0, data=DATA, device="cpu")
     assert bool(single_object(cond).all()) and emb.shape[0] == noise.shape[0] == 3
     with pytest.raises(ValueError, match="shape_samples"):

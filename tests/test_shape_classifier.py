@@ -38,7 +38,28 @@ def test_noise_scores_near_chance_and_wrong_labels_score_low():
     # the same real clips judged against shifted labels: the classifier must disagree
     shifted = type(cond)(shape=torch.where(cond.shape >= 0, (cond.shape + 1) % len(SHAPES), cond.shape),
                          colour=cond.colour, motion=cond.motion, background=cond.background, key=cond.key)
-    assert shape_accuracy(render(cond), shifted, clf)["accuracy"] <= 0.2
+    wrong = shape_accuracy(render(cond), shifted, clf)
+    assert wrong["accuracy"] <= 0.2
+
+
+def test_per_shape_breakdown_and_confusion_count_each_clip_once():
+    cond = _single_object_val(12)
+    clf = load_shape_classifier()
+    # labels moved one shape on: a real clip of shape s is (almost always) voted s, conditioned s + 1
+    shifted = type(cond)(shape=torch.where(cond.shape >= 0, (cond.shape + 1) % len(SHAPES), cond.shape),
+                         colour=cond.colour, motion=cond.motion, background=cond.background, key=cond.key)
+    for labels, diagonal in ((cond, True), (shifted, False)):
+        r = shape_accuracy(render(cond), labels, clf)
+        conf = torch.tensor(r["confusion"])
+        assert conf.shape == (len(SHAPES), len(SHAPES)) and int(conf.sum()) == 12
+        truth = labels.shape[:, 0]
+        assert conf.sum(1).tolist() == [int((truth == i).sum()) for i in range(len(SHAPES))]
+        assert r["accuracy"] == pytest.approx(int(conf.diagonal().sum()) / 12)
+        for i, name in enumerate(SHAPES):
+            n = int(conf[i].sum())
+            assert r["per_shape"][name] == (None if n == 0 else pytest.approx(int(conf[i, i]) / n))
+        mass = conf.diagonal().sum() if diagonal else sum(int(conf[(i + 1) % len(SHAPES), i]) for i in range(len(SHAPES)))
+        assert int(mass) >= 11
 
 
 def test_only_single_object_clips_count_and_bad_shapes_are_errors():

@@ -329,10 +329,15 @@ def sample_shape_accuracy(
     data: "ShapesConfig | None" = None,
     device=None,
     progress: bool = False,
-) -> float:
+) -> dict:
     """Sample the first ``shape_samples`` single-object conditions of ``split`` with ``sparse``
-    attention (None: dense) and return the fraction whose object the shape classifier names as
-    conditioned (:func:`vidsparse.models.shape_classifier.shape_accuracy`; chance 0.25)."""
+    attention (None: dense) and judge them with the shape classifier.
+
+    Returns:
+        :func:`vidsparse.models.shape_classifier.shape_accuracy`'s dict: ``accuracy`` is the fraction
+        of samples whose object is named as conditioned (chance 0.25), ``per_shape`` and ``confusion``
+        break it down by conditioned shape.
+    """
     from .models.shape_classifier import shape_accuracy
 
     _check_int("shape_samples", shape_samples, 1)
@@ -341,7 +346,7 @@ def sample_shape_accuracy(
     cond, emb, noise = _single_object_inputs(shape_samples, split=split, seed=seed, data=data, device=device)
     videos = sample_videos(model, sparse, emb, noise, steps=steps, guidance_scale=guidance_scale, shift=shift,
                            progress=progress).cpu()
-    return shape_accuracy(videos, cond.to("cpu"))["accuracy"]
+    return shape_accuracy(videos, cond.to("cpu"))
 
 
 def _sampling_defaults(*models: torch.nn.Module) -> dict[str, float]:
@@ -396,8 +401,8 @@ def evaluate_variant(
     Returns:
         ``{"val_loss", "per_t", "sparsity", "layer_sparsity", "psnr", "ssim", "samples",
         "seconds", "val_seconds", "sample_seconds", "sample_sparsity", "guidance_scale",
-        "shift", "sample_steps", "shape_accuracy", "shape_samples"}`` (``shape_accuracy`` None
-        without shape samples). ``psnr``/``ssim`` are means over the videos (None with
+        "shift", "sample_steps", "shape_accuracy", "shape_per_shape", "shape_confusion",
+        "shape_samples"}`` (the three ``shape_*`` results None without shape samples). ``psnr``/``ssim`` are means over the videos (None with
         ``samples=0``; ``inf``/1.0 for identical videos); ``seconds`` is this setting's own time
         (validation + its own sampling; reference samples taken from ``cache`` are not counted).
     """
@@ -443,12 +448,14 @@ def evaluate_variant(
             out["sample_sparsity"] = sample_stats.get("sparsity")
         psnr, ssim = video_psnr_ssim(videos, ref)
         out.update(psnr=float(psnr.double().mean()), ssim=float(ssim.double().mean()), sample_seconds=sample_seconds)
-    out.update(shape_accuracy=None, shape_samples=shape_samples)
+    out.update(shape_accuracy=None, shape_per_shape=None, shape_confusion=None, shape_samples=shape_samples)
     if shape_samples:
         t1 = time.perf_counter()
-        out["shape_accuracy"] = sample_shape_accuracy(
+        judged = sample_shape_accuracy(
             model, sparse, shape_samples, steps=sample_steps, guidance_scale=guidance_scale, shift=shift,
             split=split, seed=seed, data=data, device=device, progress=progress)
+        out.update(shape_accuracy=judged["accuracy"], shape_per_shape=judged["per_shape"],
+                   shape_confusion=judged["confusion"])
         out["sample_seconds"] += time.perf_counter() - t1
     out["val_seconds"] = val_seconds
     out["seconds"] = val_seconds + out["sample_seconds"]
@@ -816,6 +823,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{_fmt(sp, '.1f'):>12}{r['val_loss']:>10.5f}{r['delta_vs_dense_pct']:>+14.1f}"
               f"{_fmt(r['psnr'], '.2f'):>8}{_fmt(r['ssim'], '.4f'):>8}{_fmt(r['shape_accuracy'], '.2f'):>10}"
               f"{r['seconds']:>9.1f}")
+    for r in results:
+        if r["shape_per_shape"]:
+            print(f"shape acc by shape, {r['setting']}: " + ", ".join(
+                f"{name} {_fmt(acc, '.2f')}" for name, acc in r["shape_per_shape"].items()))
     print("\nval loss: velocity MSE vs noise - x0 (lower is better); PSNR (dB) / SSIM: samples vs the dense "
           "reference's samples on the same conditions and noise (dense vs itself: inf / 1); shape acc: fraction of "
           "single-object samples whose object the shape classifier names as conditioned (chance 0.25)")

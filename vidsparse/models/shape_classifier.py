@@ -134,7 +134,9 @@ def shape_accuracy(videos: torch.Tensor, conditions: Conditions, classifier: Sha
     Returns:
         {"clips": number of single-object clips judged, "accuracy": fraction whose majority vote over
         frames names the conditioned shape (None when no clip has one object), "frame_accuracy": the
-        same per frame}.
+        same per frame, "per_shape": {shape name: accuracy over the clips conditioned on it (None when
+        there is none)}, "confusion": counts[conditioned shape][voted shape] as nested lists in
+        :data:`vidsparse.data.SHAPES` order}.
     """
     if videos.dim() != 5 or videos.shape[0] != len(conditions):
         raise ValueError(f"videos must be (B={len(conditions)}, 3, T, H, W), got shape {tuple(videos.shape)}")
@@ -142,14 +144,20 @@ def shape_accuracy(videos: torch.Tensor, conditions: Conditions, classifier: Sha
     device = next(classifier.parameters()).device
     keep = single_object(conditions).to(videos.device)
     if not bool(keep.any()):
-        return {"clips": 0, "accuracy": None, "frame_accuracy": None}
+        return {"clips": 0, "accuracy": None, "frame_accuracy": None,
+                "per_shape": {name: None for name in SHAPES}, "confusion": [[0] * len(SHAPES) for _ in SHAPES]}
     vids = videos[keep].clamp(-1, 1).float().to(device)
     labels = conditions.shape[keep.to(conditions.shape.device), 0].to(device)
     b, _, t = vids.shape[:3]
     pred = classifier(vids.permute(0, 2, 1, 3, 4).flatten(0, 1)).argmax(1).view(b, t)
     votes = torch.nn.functional.one_hot(pred, len(SHAPES)).sum(1).argmax(1)
+    confusion = torch.zeros(len(SHAPES), len(SHAPES), dtype=torch.long)
+    confusion.index_put_((labels.cpu(), votes.cpu()), torch.ones(b, dtype=torch.long), accumulate=True)
+    per_shape = {name: (int(confusion[i, i]) / int(confusion[i].sum()) if int(confusion[i].sum()) else None)
+                 for i, name in enumerate(SHAPES)}
     return {"clips": b, "accuracy": int((votes == labels).sum()) / b,
-            "frame_accuracy": int((pred == labels[:, None]).sum()) / (b * t)}
+            "frame_accuracy": int((pred == labels[:, None]).sum()) / (b * t),
+            "per_shape": per_shape, "confusion": confusion.tolist()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -737,9 +737,11 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
     if cfg.shape_samples > 0:
         from ..evaluate import sample_shape_accuracy
 
-        result["shape_accuracy"] = sample_shape_accuracy(
+        judged = sample_shape_accuracy(
             shipped, None, cfg.shape_samples, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
             shift=cfg.t_shift, seed=cfg.seed, data=cfg.data, device=device)
+        result["shape_accuracy"] = judged["accuracy"]
+        result["shape_per_shape"] = judged["per_shape"]
         result["shape_samples"] = cfg.shape_samples
 
     try:
