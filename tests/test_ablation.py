@@ -53,6 +53,7 @@ def test_smoke_ablation_end_to_end(tmp_path):
         assert r["delta_vs_dense_pct"] == pytest.approx(100 * (r["val_loss"] - dense["val_loss"]) / dense["val_loss"])
         assert math.isfinite(r["psnr"]) and 0 < r["psnr"] < 60 and -1 < r["ssim"] < 1
         assert math.isfinite(r["shifted_val_loss"]) and r["shifted_val_loss"] > 0
+        assert r["shape_accuracy"] in (0.0, 0.5, 1.0)  # 2 shape samples per variant in the smoke settings
     for i in (2, 6):  # Top-k only: exactly 3 of 16 blocks per row, whatever the input
         assert rows[i]["sparsity"] == pytest.approx(target) and rows[i]["topk"] == 0.2 and rows[i]["topp"] is None
     for i in (3, 7):
@@ -94,9 +95,32 @@ def test_smoke_ablation_end_to_end(tmp_path):
     assert "| 8 | velocity distillation, hybrid | hybrid | shifted |" in md
 
 
+def test_tiled_order_and_diagonal_prior_reach_every_mask_and_the_export(tmp_path):
+    out = tmp_path / "out"
+    cfg = smoke_config(str(out), work_dir=str(tmp_path / "work"), backend="reference", token_order="tiled",
+                       keep_diagonal=True, variants=(1, 2, 4, 8), shifted_eval=False, shape_samples=0)
+    payload = run_ablation(cfg)
+    rows = {r["id"]: r for r in payload["variants"]}
+    assert all(r["status"] == "done" for r in rows.values())
+    # Top-k keeps 3 of 16 blocks; the diagonal adds a 4th wherever Top-k missed it, so the measured
+    # target lies between 1 - 4/16 and 1 - 3/16, and Top-k only's row measures it again
+    target = payload["target_sparsity"]
+    assert 1 - 4 / 16 <= target < 1 - 3 / 16
+    assert rows[2]["sparsity"] == pytest.approx(target)
+    assert abs(rows[4]["sparsity"] - target) < 0.06 and rows[4]["shape_accuracy"] is None
+    setting = json.loads((out / "distilled_hybrid" / "sparse_config.json").read_text())
+    assert setting["token_order"] == "tiled" and setting["keep_diagonal"] is True and setting["keep_sink"] is False
+    assert "keep_diagonal=True" in (out / "distilled_hybrid" / "MODEL_CARD.md").read_text()
+    assert "tiled token order with keep_diagonal" in (out / "ablation.md").read_text()
+
+
 def test_cli_rejects_unknown_variants(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--variants", "1,11", "--smoke"]) == 2
     assert "variants" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--block-q", "24", "--smoke"]) == 2  # checked before any work
+    assert "block_q" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--shape-samples", "-1", "--smoke"]) == 2
+    assert "shape_samples" in capsys.readouterr().err
 
 
 def test_plan_steps_fits_the_budget():

@@ -5,7 +5,9 @@ Run it as a module (or through ``benchmarks/ablation_gpu.sh``)::
     python -m vidsparse.training.ablation --out out --time-limit-min 9
     python -m vidsparse.training.ablation --out out/smoke --smoke       # CPU: end to end in well under a minute
 
-Ten variants of the embedded tiny Wan model, all at about 95% block sparsity with 128 x 64 blocks:
+Ten variants of the embedded tiny Wan model, all at about 95% block sparsity (by default with the
+paper's 128 x 64 blocks in raster token order; ``--block-q/--block-k``, ``--token-order tiled`` and
+``--keep-diagonal`` run it with the mask the shipped student uses):
 
 ====  ===================================================  ==========  ======================
  #    method                                               mask        fine-tuning data
@@ -82,6 +84,7 @@ from typing import Any, Sequence
 import torch
 
 from ..evaluate import _device_name, _jsonable, _versions
+from ..integrations.config import TOKEN_ORDERS
 from .distill import _optional_float
 
 __all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "main"]
@@ -118,7 +121,7 @@ EXPORT_VARIANT = 8
 
 _SMOKE = dict(num_layers=1, frames=4, size=32, block_q=16, block_k=16, batch_size=2, steps=2, warmup_steps=1, eval_clips=2,
               eval_num_t=2, samples=1, sample_steps=2, calib_clips=2, calib_num_t=2,
-              calib_iters=4, topk_only=0.2, hybrid_topk=0.125, train_calib_steps=0)
+              calib_iters=4, topk_only=0.2, hybrid_topk=0.125, train_calib_steps=0, shape_samples=2)
 
 
 @dataclass
@@ -139,12 +142,16 @@ class AblationConfig:
         topp_only, hybrid_topp: fixed p values instead of calibrating them.
         target_sparsity: the calibration target; None = Top-k-only's 1 - floor(k * N) / N.
         block_q, block_k: mask blocks. backend: attention backend ("auto").
+        token_order, keep_diagonal, keep_sink: token order and priors of every sparse variant
+            (:class:`vidsparse.SparseConfig`); with a prior on, the target sparsity is the measured
+            one of Top-k only (the prior adds blocks Top-k may not have chosen).
         frames, size: clip geometry.
         calib_clips, calib_num_t, calib_iters: the p bisection (val clips x times, iterations).
         train_calib_steps: steps of the throughput measurement (0 = none; needs ``steps``).
         eval_clips, eval_num_t, eval_batch_size, samples, sample_steps: evaluation
             (``vidsparse.evaluate.evaluate_variant``); ``shifted_eval`` adds the shifted split's
-            val loss.
+            val loss; ``shape_samples`` single-object samples per variant are judged by the shape
+            classifier (0 = none).
         variants: ids to run (default all ten).
         seed, device, progress, smoke, command.
     """
@@ -173,6 +180,9 @@ class AblationConfig:
     block_q: int = 128
     block_k: int = 64
     backend: str = "auto"
+    token_order: str = "raster"
+    keep_diagonal: bool = False
+    keep_sink: bool = False
     frames: int = 16
     size: int = 64
     calib_clips: int = 16
@@ -185,6 +195,7 @@ class AblationConfig:
     samples: int = 4
     sample_steps: int = 20
     shifted_eval: bool = True
+    shape_samples: int = 16
     variants: tuple[int, ...] = tuple(v.id for v in VARIANTS)
     seed: int = 0
     device: str = "auto"
@@ -212,12 +223,24 @@ class AblationConfig:
             v = getattr(self, name)
             if v is not None and not 0 < v < 1:
                 raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
+        if self.shape_samples < 0:
+            raise ValueError(f"shape_samples must be >= 0, got {self.shape_samples}")
+        self.mask_settings()  # SparseConfig checks the block shape, token order and priors now, not mid-run
+
+    def mask_settings(self) -> dict[str, Any]:
+        """The SparseConfig arguments every sparse variant shares (blocks, backend, order, priors)."""
+        from ..integrations.config import SparseConfig
+
+        common = dict(block_q=self.block_q, block_k=self.block_k, backend=self.backend, token_order=self.token_order,
+                      keep_diagonal=self.keep_diagonal, keep_sink=self.keep_sink)
+        SparseConfig(topk=0.5, topp=None, **common)
+        return common
 
     def sparse(self, mask: str, topp: dict[str, float]):
         """The :class:`vidsparse.SparseConfig` of a mask kind ("dense" -> None)."""
         from ..integrations.config import SparseConfig
 
-        common = dict(block_q=self.block_q, block_k=self.block_k, backend=self.backend)
+        common = self.mask_settings()
         if mask == "dense":
             return None
         if mask == "topk":
@@ -311,8 +334,10 @@ def _evaluate(model, sparse, cfg: AblationConfig, reference, data, device, cache
     t0 = time.monotonic()
     r = _call(evaluate_variant, model=model, sparse=sparse, reference=reference, split="val", clips=cfg.eval_clips,
               batch_size=cfg.eval_batch_size, samples=cfg.samples, sample_steps=cfg.sample_steps, seed=cfg.seed,
-              device=device, progress=cfg.progress, num_t=cfg.eval_num_t, data=data, cache=cache)
-    out = {k: r.get(k) for k in ("val_loss", "per_t", "sparsity", "sample_sparsity", "psnr", "ssim", "seconds")}
+              device=device, progress=cfg.progress, num_t=cfg.eval_num_t, data=data, cache=cache,
+              shape_samples=cfg.shape_samples)
+    out = {k: r.get(k) for k in ("val_loss", "per_t", "sparsity", "sample_sparsity", "psnr", "ssim", "seconds",
+                                 "shape_accuracy", "shape_per_shape")}
     if cfg.shifted_eval:
         s = _call(validation_loss, model=model, sparse=sparse, split="shifted", clips=cfg.eval_clips,
                   batch_size=cfg.eval_batch_size, seed=cfg.seed, num_t=cfg.eval_num_t, device=device, data=data)
@@ -332,7 +357,7 @@ def _distill_config(cfg: AblationConfig, variant: Variant, sparse, out_dir: Path
         distill_weight=1.0 if variant.objective == "distill" else 0.0,
         diffusion_weight=1.0 if variant.objective == "diffusion" else 0.0,
         timesteps=cfg.timesteps, t_mean=cfg.t_mean, t_std=cfg.t_std, t_shift=cfg.t_shift, trainable="all",
-        topk=sparse.topk, topp=sparse.topp, block_q=cfg.block_q, block_k=cfg.block_k, backend=cfg.backend,
+        topk=sparse.topk, topp=sparse.topp, **cfg.mask_settings(),
         data=variant.data or "train", frames=cfg.frames, size=cfg.size, seed=cfg.seed, device=device,
         ckpt_every=steps, keep_checkpoints=1, log_every=max(1, min(25, steps // 10 or 1)),
         time_limit_min=limit_min, export=False, plot=not cfg.smoke, progress=cfg.progress,
@@ -408,6 +433,7 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
     n_kv = -(-tokens // cfg.block_k)
     kept_topk = max(1, math.floor(cfg.topk_only * n_kv * (1 + 1e-6)))  # the masker's rounding
     target = cfg.target_sparsity if cfg.target_sparsity is not None else 1 - kept_topk / n_kv
+    priors = cfg.keep_diagonal or cfg.keep_sink
     selected = [v for v in VARIANTS if v.id in cfg.variants]
     trained = sorted((v for v in selected if v.objective), key=lambda v: _TRAIN_ORDER.index(v.id))
     _log(f"{tokens} tokens, {n_kv} key blocks of {cfg.block_k}; Top-k only k={cfg.topk_only} keeps {kept_topk} "
@@ -449,7 +475,12 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
     needs = {v.mask for v in selected}
     from ..integrations.config import SparseConfig
 
-    common = dict(block_q=cfg.block_q, block_k=cfg.block_k, backend=cfg.backend)
+    common = cfg.mask_settings()
+    if priors and cfg.target_sparsity is None:
+        # the prior's blocks come on top of Top-k's where Top-k did not pick them: measure, not count
+        target = measure(SparseConfig(topk=cfg.topk_only, topp=None, **common))
+        payload["target_sparsity"] = target
+        _log(f"with the prior(s), Top-k only measures block sparsity {target:.4f}: the target")
     for key, fixed, make in (
         ("topp", cfg.topp_only, lambda p: SparseConfig(topk=None, topp=p, **common)),
         ("hybrid", cfg.hybrid_topp, lambda p: SparseConfig(topk=cfg.hybrid_topk, topp=p, **common)),
@@ -603,7 +634,7 @@ block-sparse self-attention in the student. Variant {v.id} of `python -m vidspar
 
 | | |
 |---|---|
-| sparse setting to use | `SparseConfig(topk={sparse.topk!r}, topp={sparse.topp!r}, block_q={cfg.block_q}, block_k={cfg.block_k})` |
+| sparse setting to use | `SparseConfig({", ".join(f"{k}={v!r}" for k, v in _mask_text(sparse).items())})` (also in `sparse_config.json`) |
 | measured block sparsity (calibration) | {payload['calibration'].get('hybrid', {}).get('sparsity', float('nan')):.4f} |
 | fine-tuning data | "{v.data}" split of `vidsparse.data` (colours, motions and backgrounds held out of pretraining) |
 | steps | {summary['step']} x batch {cfg.batch_size}, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio:g} x), all parameters |
@@ -624,6 +655,15 @@ that sparse setting; for dense attention use the original model. Quality against
 # markdown
 
 
+def _mask_text(sparse) -> dict[str, Any]:
+    """The SparseConfig fields that define a variant's mask, as floats (Fractions print badly)."""
+    out = {"topk": sparse.topk, "topp": sparse.topp, "block_q": sparse.block_q, "block_k": sparse.block_k,
+           "token_order": sparse.token_order}
+    out = {k: (float(v) if k in ("topk", "topp") and v is not None else v) for k, v in out.items()}
+    out.update({k: True for k in ("keep_diagonal", "keep_sink") if getattr(sparse, k)})
+    return out
+
+
 def _f(x: Any, spec: str, none: str = "–") -> str:
     if x is None:
         return none
@@ -632,6 +672,11 @@ def _f(x: Any, spec: str, none: str = "–") -> str:
     if isinstance(x, float) and math.isinf(x):
         return "∞"
     return format(x, spec)
+
+
+def _priors_text(settings: dict[str, Any]) -> str:
+    on = [name for name in ("keep_diagonal", "keep_sink") if settings.get(name)]
+    return f" with {' and '.join(on)}" if on else ""
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
@@ -645,7 +690,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"`{payload.get('command') or 'python -m vidsparse.training.ablation'}`, {payload['date']}, "
         f"**{payload['device_name']}**, torch {vers.get('torch')}, triton {vers.get('triton')}, "
         f"diffusers {vers.get('diffusers')}, {payload['precision']}. {payload['tokens']} tokens per clip "
-        f"({s['frames']}x{s['size']}x{s['size']}), blocks {s['block_q']}x{s['block_k']}, target block sparsity "
+        f"({s['frames']}x{s['size']}x{s['size']}), blocks {s['block_q']}x{s['block_k']}, {s.get('token_order', 'raster')} "
+        f"token order{_priors_text(s)}, target block sparsity "
         f"{100 * payload['target_sparsity']:.1f}% (Top-k only at k = {s['topk_only']}).",
         "",
         f"Fine-tuning: {plan.get('steps', '–')} steps per trained variant ({plan.get('source', '')}), batch "
@@ -655,11 +701,13 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"(`vidsparse.evaluate.evaluate_variant`): val loss = flow-matching MSE on {s['eval_clips']} \"val\" clips x "
         f"{s['eval_num_t']} fixed times; shifted = the same on the \"shifted\" split; PSNR/SSIM of {s['samples']} "
         f"samples ({s['sample_steps']} Euler steps) against the original dense model's samples (same conditions and "
-        f"noise). Sparsity = measured block sparsity of the masks in the val-loss forwards.",
+        f"noise); shape acc = fraction of {s.get('shape_samples', 0)} single-object samples whose shape the "
+        f"classifier names as conditioned (chance 0.25). Sparsity = measured block sparsity of the masks in the "
+        f"val-loss forwards.",
         "",
         "| # | variant | mask | fine-tune data | k | p | sparsity % | steps | train s | val loss | Δ vs dense % "
-        "| shifted val loss | PSNR dB | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shifted val loss | PSNR dB | SSIM | shape acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["variants"]:
         sp = None if r.get("sparsity") is None else 100 * r["sparsity"]
@@ -669,7 +717,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
             f"{_f(r.get('topp'), '.4f')} | {_f(sp, '.1f')} | {_f(r.get('steps'), 'd')} | "
             f"{_f(r.get('train_seconds'), '.0f')} | {_f(r.get('val_loss'), '.5f')} | "
             f"{_f(r.get('delta_vs_dense_pct'), '+.1f')} | {_f(r.get('shifted_val_loss'), '.5f')} | "
-            f"{_f(r.get('psnr'), '.2f')} | {_f(r.get('ssim'), '.4f')} |"
+            f"{_f(r.get('psnr'), '.2f')} | {_f(r.get('ssim'), '.4f')} | {_f(r.get('shape_accuracy'), '.2f')} |"
         )
     cal = payload.get("calibration", {})
     parts = []
@@ -722,6 +770,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topp-only", type=_optional_float, default=None, help="fixed p of Top-p only (default: calibrated)")
     p.add_argument("--hybrid-topp", type=_optional_float, default=None, help="fixed p of the hybrid (default: calibrated)")
     p.add_argument("--target-sparsity", type=float, default=None, help="calibration target (default: Top-k only's)")
+    p.add_argument("--block-q", type=int, default=None, help=f"query block of every mask (default {d.block_q})")
+    p.add_argument("--block-k", type=int, default=None, help=f"key block of every mask (default {d.block_k})")
+    p.add_argument("--token-order", choices=TOKEN_ORDERS, default=None,
+                   help=f"raster (the paper's) or tiled (each query block a compact 3-D tile; default {d.token_order})")
+    p.add_argument("--keep-diagonal", action="store_true", help="every mask also keeps each query block's own key block")
+    p.add_argument("--keep-sink", action="store_true", help="every mask also keeps the first key block")
+    p.add_argument("--t-shift", type=float, default=None, help=f"shift of the training times (default {d.t_shift:g})")
+    p.add_argument("--shape-samples", type=int, default=None,
+                   help=f"single-object samples per variant judged by the shape classifier (default {d.shape_samples})")
     p.add_argument("--variants", type=_variants_arg, default=None, help="subset of 1..10, e.g. 1,4,8")
     p.add_argument("--eval-clips", type=int, default=None, help=f"val clips (default {d.eval_clips})")
     p.add_argument("--samples", type=int, default=None, help=f"samples for PSNR/SSIM (default {d.samples})")
@@ -740,9 +797,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     changes: dict[str, Any] = dict(model=args.model, time_limit_min=args.time_limit_min, steps=args.steps, lr=args.lr,
                                    min_lr_ratio=args.min_lr_ratio, topp_only=args.topp_only, hybrid_topp=args.hybrid_topp,
                                    target_sparsity=args.target_sparsity, shifted_eval=not args.no_shifted_eval,
-                                   seed=args.seed, device=args.device, progress=args.progress, command=cmd)
+                                   seed=args.seed, device=args.device, progress=args.progress, command=cmd,
+                                   keep_diagonal=args.keep_diagonal, keep_sink=args.keep_sink)
     for name in ("batch_size", "warmup_steps", "topk_only", "hybrid_topk", "eval_clips", "samples", "sample_steps",
-                 "variants", "work_dir"):
+                 "variants", "work_dir", "block_q", "block_k", "token_order", "t_shift", "shape_samples"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     try:
@@ -754,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cfg = AblationConfig(out=args.out, **changes)
         payload = run_ablation(cfg, started=_T_IMPORT)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(render_markdown(payload))
