@@ -54,6 +54,7 @@ def test_smoke_ablation_end_to_end(tmp_path):
         assert math.isfinite(r["psnr"]) and 0 < r["psnr"] < 60 and -1 < r["ssim"] < 1
         assert math.isfinite(r["shifted_val_loss"]) and r["shifted_val_loss"] > 0
         assert r["shape_accuracy"] in (0.0, 0.5, 1.0)  # 2 shape samples per variant in the smoke settings
+        assert sum(map(sum, r["shape_confusion"])) == 2
     for i in (2, 6):  # Top-k only: exactly 3 of 16 blocks per row, whatever the input
         assert rows[i]["sparsity"] == pytest.approx(target) and rows[i]["topk"] == 0.2 and rows[i]["topp"] is None
     for i in (3, 7):

@@ -337,7 +337,7 @@ def _evaluate(model, sparse, cfg: AblationConfig, reference, data, device, cache
               device=device, progress=cfg.progress, num_t=cfg.eval_num_t, data=data, cache=cache,
               shape_samples=cfg.shape_samples)
     out = {k: r.get(k) for k in ("val_loss", "per_t", "sparsity", "sample_sparsity", "psnr", "ssim", "seconds",
-                                 "shape_accuracy", "shape_per_shape")}
+                                 "shape_accuracy", "shape_per_shape", "shape_confusion")}
     if cfg.shifted_eval:
         s = _call(validation_loss, model=model, sparse=sparse, split="shifted", clips=cfg.eval_clips,
                   batch_size=cfg.eval_batch_size, seed=cfg.seed, num_t=cfg.eval_num_t, device=device, data=data)
