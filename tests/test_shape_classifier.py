@@ -15,6 +15,12 @@ def _single_object_val(n):
     return cond[idx]
 
 
+def _next_shape(cond):
+    """The same conditions with every present object's shape moved one on (wrong labels)."""
+    return type(cond)(shape=torch.where(cond.shape >= 0, (cond.shape + 1) % len(SHAPES), cond.shape),
+                      colour=cond.colour, motion=cond.motion, background=cond.background, key=cond.key)
+
+
 def test_single_object_counts_present_objects():
     cond = sample_conditions(32, seed=3, split="train")
     expected = (cond.shape >= 0).sum(1) == 1
@@ -36,19 +42,14 @@ def test_noise_scores_near_chance_and_wrong_labels_score_low():
     noise = shape_accuracy(torch.randn(12, 3, 16, 64, 64, generator=torch.Generator().manual_seed(0)), cond, clf)
     assert noise["accuracy"] <= 0.6
     # the same real clips judged against shifted labels: the classifier must disagree
-    shifted = type(cond)(shape=torch.where(cond.shape >= 0, (cond.shape + 1) % len(SHAPES), cond.shape),
-                         colour=cond.colour, motion=cond.motion, background=cond.background, key=cond.key)
-    wrong = shape_accuracy(render(cond), shifted, clf)
-    assert wrong["accuracy"] <= 0.2
+    assert shape_accuracy(render(cond), _next_shape(cond), clf)["accuracy"] <= 0.2
 
 
 def test_per_shape_breakdown_and_confusion_count_each_clip_once():
     cond = _single_object_val(12)
     clf = load_shape_classifier()
     # labels moved one shape on: a real clip of shape s is (almost always) voted s, conditioned s + 1
-    shifted = type(cond)(shape=torch.where(cond.shape >= 0, (cond.shape + 1) % len(SHAPES), cond.shape),
-                         colour=cond.colour, motion=cond.motion, background=cond.background, key=cond.key)
-    for labels, diagonal in ((cond, True), (shifted, False)):
+    for labels, diagonal in ((cond, True), (_next_shape(cond), False)):
         r = shape_accuracy(render(cond), labels, clf)
         conf = torch.tensor(r["confusion"])
         assert conf.shape == (len(SHAPES), len(SHAPES)) and int(conf.sum()) == 12

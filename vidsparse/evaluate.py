@@ -402,8 +402,9 @@ def evaluate_variant(
         ``{"val_loss", "per_t", "sparsity", "layer_sparsity", "psnr", "ssim", "samples",
         "seconds", "val_seconds", "sample_seconds", "sample_sparsity", "guidance_scale",
         "shift", "sample_steps", "shape_accuracy", "shape_per_shape", "shape_confusion",
-        "shape_samples"}`` (the three ``shape_*`` results None without shape samples). ``psnr``/``ssim`` are means over the videos (None with
-        ``samples=0``; ``inf``/1.0 for identical videos); ``seconds`` is this setting's own time
+        "shape_samples"}`` (the three ``shape_*`` results None without shape samples).
+        ``psnr``/``ssim`` are means over the videos (None with ``samples=0``; ``inf``/1.0 for
+        identical videos); ``seconds`` is this setting's own time
         (validation + its own sampling; reference samples taken from ``cache`` are not counted).
     """
     from .metrics import video_psnr_ssim

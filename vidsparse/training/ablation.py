@@ -812,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cfg = AblationConfig(out=args.out, **changes)
         payload = run_ablation(cfg, started=_T_IMPORT)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(render_markdown(payload))
