@@ -250,6 +250,9 @@ def test_train_exports_fp16_model_card_and_figures(tmp_path):
     assert "| steps | 3 of 3 |" in card and "fp16" in card
     assert summary["clips_seen"] == 6 and summary["val_loss_exported"] is not None
     assert summary["shape_accuracy"] in (0.0, 0.5, 1.0) and "shape accuracy of samples" in card
+    judged = [a for a in summary["shape_per_shape"].values() if a is not None]  # the breakdown reaches the card
+    assert list(summary["shape_per_shape"]) == ["disc", "square", "triangle", "ring"] and judged
+    assert "single-object conditions (disc " in card
     assert all(k in summary for k in ("final_train_loss", "wall_time_s", "device"))
 
 

@@ -759,6 +759,13 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _per_shape_text(per_shape: dict[str, float | None] | None) -> str:
+    """' (disc 1.00, square 0.50, ...)' for the card; empty without a breakdown."""
+    if not per_shape:
+        return ""
+    return " (" + ", ".join(f"{name} {_fmt(acc, '.2f')}" for name, acc in per_shape.items()) + ")"
+
+
 def _model_card(cfg: TrainConfig, model, s: dict[str, Any], nbytes: int, diffusers_version: str) -> str:
     mc = dict(model.config)
     d = cfg.data
@@ -844,7 +851,7 @@ Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation us
 | validation loss, raw weights | {_fmt(s['val_loss'])} |
 | validation loss, EMA weights | {_fmt(s['val_loss_ema'])} |
 | validation loss, exported fp16 weights | {_fmt(s.get('val_loss_exported'))} |
-| shape accuracy of samples (chance 0.25; `vidsparse eval --shape-samples`) | {_fmt(s.get('shape_accuracy'))} on {s.get('shape_samples', 0)} single-object conditions |
+| shape accuracy of samples (chance 0.25; `vidsparse eval --shape-samples`) | {_fmt(s.get('shape_accuracy'))} on {s.get('shape_samples', 0)} single-object conditions{_per_shape_text(s.get('shape_per_shape'))} |
 
 The validation loss uses {cfg.eval_clips} "val" clips with fixed noise and t spread evenly over (0, 1).
 
