@@ -24,11 +24,10 @@ if [ $rc -ne 0 ]; then
 fi
 tail -30 "$OUT/pretrain.log"
 cp runs/tiny_wan2/model/* "$OUT/" 2>/dev/null
-cp runs/tiny_wan2/log.jsonl runs/ 2>/dev/null
 if [ $rc -eq 0 ]; then
   VIDSPARSE_AUTOTUNE=0 python3 -m vidsparse.cli eval --model runs/tiny_wan2/model --token-order tiled \
     --setting "hybrid-tiled:topk=0.03125,topp=0.0832,block_q=32,block_k=32" --samples 0 --shape-samples 64 --steps 40 \
     --no-progress --json "$OUT/eval.json" 2>&1 | tail -9 | tee -a "$OUT/pretrain.log"
 fi
-tar czf "$OUT/logs.tgz" -C "$OUT" pretrain.log -C "$PWD/runs" log.jsonl && rm "$OUT/pretrain.log"
+tar czf "$OUT/logs.tgz" -C "$OUT" pretrain.log -C "$PWD/runs/tiny_wan2" log.jsonl && rm "$OUT/pretrain.log"
 exit $rc

@@ -824,10 +824,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{_fmt(sp, '.1f'):>12}{r['val_loss']:>10.5f}{r['delta_vs_dense_pct']:>+14.1f}"
               f"{_fmt(r['psnr'], '.2f'):>8}{_fmt(r['ssim'], '.4f'):>8}{_fmt(r['shape_accuracy'], '.2f'):>10}"
               f"{r['seconds']:>9.1f}")
+    from .models.shape_classifier import per_shape_text
+
     for r in results:
         if r["shape_per_shape"]:
-            print(f"shape acc by shape, {r['setting']}: " + ", ".join(
-                f"{name} {_fmt(acc, '.2f')}" for name, acc in r["shape_per_shape"].items()))
+            print(f"shape acc by shape, {r['setting']}: {per_shape_text(r['shape_per_shape'])}")
     print("\nval loss: velocity MSE vs noise - x0 (lower is better); PSNR (dB) / SSIM: samples vs the dense "
           "reference's samples on the same conditions and noise (dense vs itself: inf / 1); shape acc: fraction of "
           "single-object samples whose object the shape classifier names as conditioned (chance 0.25)")

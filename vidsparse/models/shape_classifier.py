@@ -27,7 +27,7 @@ from torch import nn
 from ..data import SHAPES, Conditions, ShapesConfig, render, sample_conditions
 
 __all__ = ["ShapeClassifier", "train_shape_classifier", "load_shape_classifier", "shape_accuracy",
-           "single_object", "default_classifier_dir"]
+           "per_shape_text", "single_object", "default_classifier_dir"]
 
 _WEIGHTS = "model.safetensors"
 
@@ -158,6 +158,11 @@ def shape_accuracy(videos: torch.Tensor, conditions: Conditions, classifier: Sha
     return {"clips": b, "accuracy": int((votes == labels).sum()) / b,
             "frame_accuracy": int((pred == labels[:, None]).sum()) / (b * t),
             "per_shape": per_shape, "confusion": confusion.tolist()}
+
+
+def per_shape_text(per_shape: dict, none: str = "-") -> str:
+    """``shape_accuracy``'s ``per_shape`` as "disc 1.00, square 0.50, ..." (``none`` where no clip had the shape)."""
+    return ", ".join(f"{name} {none if acc is None else format(acc, '.2f')}" for name, acc in per_shape.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

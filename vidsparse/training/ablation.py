@@ -225,16 +225,14 @@ class AblationConfig:
                 raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
         if self.shape_samples < 0:
             raise ValueError(f"shape_samples must be >= 0, got {self.shape_samples}")
-        self.mask_settings()  # SparseConfig checks the block shape, token order and priors now, not mid-run
+        from ..integrations.config import SparseConfig
+
+        SparseConfig(topk=0.5, topp=None, **self.mask_settings())  # checks blocks, order and priors now, not mid-run
 
     def mask_settings(self) -> dict[str, Any]:
         """The SparseConfig arguments every sparse variant shares (blocks, backend, order, priors)."""
-        from ..integrations.config import SparseConfig
-
-        common = dict(block_q=self.block_q, block_k=self.block_k, backend=self.backend, token_order=self.token_order,
-                      keep_diagonal=self.keep_diagonal, keep_sink=self.keep_sink)
-        SparseConfig(topk=0.5, topp=None, **common)
-        return common
+        return dict(block_q=self.block_q, block_k=self.block_k, backend=self.backend, token_order=self.token_order,
+                    keep_diagonal=self.keep_diagonal, keep_sink=self.keep_sink)
 
     def sparse(self, mask: str, topp: dict[str, float]):
         """The :class:`vidsparse.SparseConfig` of a mask kind ("dense" -> None)."""
@@ -620,7 +618,9 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
 
 def _export(student, path: Path, model_dir: Path | None, cfg: AblationConfig, v: Variant, sparse, summary, payload) -> None:
     """fp16 save_pretrained of the distilled student, with the source's sampling.json and a card."""
-    from .distill import save_student, write_sparse_setting
+    from .distill import save_student, sparse_setting, write_sparse_setting
+
+    shown = {k: v for k, v in sparse_setting(sparse).items() if v is not False}  # priors only when on
 
     shutil.rmtree(path, ignore_errors=True)
     save_student(student, path)
@@ -634,7 +634,7 @@ block-sparse self-attention in the student. Variant {v.id} of `python -m vidspar
 
 | | |
 |---|---|
-| sparse setting to use | `SparseConfig({", ".join(f"{k}={v!r}" for k, v in _mask_text(sparse).items())})` (also in `sparse_config.json`) |
+| sparse setting to use | `SparseConfig({", ".join(f"{k}={v!r}" for k, v in shown.items())})` (also in `sparse_config.json`) |
 | measured block sparsity (calibration) | {payload['calibration'].get('hybrid', {}).get('sparsity', float('nan')):.4f} |
 | fine-tuning data | "{v.data}" split of `vidsparse.data` (colours, motions and backgrounds held out of pretraining) |
 | steps | {summary['step']} x batch {cfg.batch_size}, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio:g} x), all parameters |
@@ -653,15 +653,6 @@ that sparse setting; for dense attention use the original model. Quality against
 
 # ----------------------------------------------------------------------------------------------
 # markdown
-
-
-def _mask_text(sparse) -> dict[str, Any]:
-    """The SparseConfig fields that define a variant's mask, as floats (Fractions print badly)."""
-    out = {"topk": sparse.topk, "topp": sparse.topp, "block_q": sparse.block_q, "block_k": sparse.block_k,
-           "token_order": sparse.token_order}
-    out = {k: (float(v) if k in ("topk", "topp") and v is not None else v) for k, v in out.items()}
-    out.update({k: True for k in ("keep_diagonal", "keep_sink") if getattr(sparse, k)})
-    return out
 
 
 def _f(x: Any, spec: str, none: str = "–") -> str:

@@ -713,16 +713,20 @@ def save_student(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def sparse_setting(sparse_config) -> dict:
+    """The fields of a SparseConfig that define a student's mask (topk, topp, block_q, block_k,
+    token_order, keep_diagonal, keep_sink), JSON-ready: Fractions become floats."""
+    frac = lambda x: None if x is None else float(x)  # noqa: E731
+    return {"topk": frac(sparse_config.topk), "topp": frac(sparse_config.topp), "block_q": sparse_config.block_q,
+            "block_k": sparse_config.block_k, "token_order": sparse_config.token_order,
+            "keep_diagonal": sparse_config.keep_diagonal, "keep_sink": sparse_config.keep_sink}
+
+
 def write_sparse_setting(path: str | os.PathLike, sparse_config) -> Path:
-    """Record the mask a student was trained for in ``path/sparse_config.json`` (topk, topp,
-    block_q, block_k, token_order, keep_diagonal, keep_sink): ``vidsparse demo --distilled-path``
-    and ``vidsparse eval`` default to it."""
-    frac = lambda x: None if x is None else float(x)  # noqa: E731  (Fractions are not JSON)
-    setting = {"topk": frac(sparse_config.topk), "topp": frac(sparse_config.topp), "block_q": sparse_config.block_q,
-               "block_k": sparse_config.block_k, "token_order": sparse_config.token_order,
-               "keep_diagonal": sparse_config.keep_diagonal, "keep_sink": sparse_config.keep_sink}
+    """Record the mask a student was trained for (:func:`sparse_setting`) in
+    ``path/sparse_config.json``: ``vidsparse demo --distilled-path`` and ``vidsparse eval`` default to it."""
     file = Path(path) / "sparse_config.json"
-    file.write_text(json.dumps(setting, indent=1) + "\n")
+    file.write_text(json.dumps(sparse_setting(sparse_config), indent=1) + "\n")
     return file
 
 

@@ -759,18 +759,12 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _per_shape_text(per_shape: dict[str, float | None] | None) -> str:
-    """' (disc 1.00, square 0.50, ...)' for the card; empty without a breakdown."""
-    if not per_shape:
-        return ""
-    return " (" + ", ".join(f"{name} {_fmt(acc, '.2f')}" for name, acc in per_shape.items()) + ")"
-
-
 def _model_card(cfg: TrainConfig, model, s: dict[str, Any], nbytes: int, diffusers_version: str) -> str:
     mc = dict(model.config)
     d = cfg.data
     from ..data import BACKGROUNDS, MOTIONS, SHAPES, SPLIT_VOCAB
     from ..data.shapes import _COLOUR_NAMES
+    from ..models.shape_classifier import per_shape_text
 
     def names(kind: str, table) -> str:
         return ", ".join(table[i] for i in SPLIT_VOCAB["train"][kind])
@@ -851,7 +845,7 @@ Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation us
 | validation loss, raw weights | {_fmt(s['val_loss'])} |
 | validation loss, EMA weights | {_fmt(s['val_loss_ema'])} |
 | validation loss, exported fp16 weights | {_fmt(s.get('val_loss_exported'))} |
-| shape accuracy of samples (chance 0.25; `vidsparse eval --shape-samples`) | {_fmt(s.get('shape_accuracy'))} on {s.get('shape_samples', 0)} single-object conditions{_per_shape_text(s.get('shape_per_shape'))} |
+| shape accuracy of samples (chance 0.25; `vidsparse eval --shape-samples`) | {_fmt(s.get('shape_accuracy'))} on {s.get('shape_samples', 0)} single-object conditions{f" ({per_shape_text(s['shape_per_shape'], 'n/a')})" if s.get('shape_per_shape') else ""} |
 
 The validation loss uses {cfg.eval_clips} "val" clips with fixed noise and t spread evenly over (0, 1).
 
