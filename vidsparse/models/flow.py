@@ -6,7 +6,9 @@ Time runs from data (t = 0) to noise (t = 1)::
     v   = noise - x0                         # velocity_target, what the network predicts
     timestep = 1000 * t                      # what the diffusers transformer receives
 
-Sampling integrates dx/dt = v from t = 1 down to t = 0 with Euler steps. The sampler works with
+Sampling integrates dx/dt = v from t = 1 down to t = 0 with Euler steps, optionally re-noising part
+of each step (``eta``, the DDIM family: 0 is the deterministic ODE, 1 the ancestral sampler) and
+applying classifier-free guidance only inside a time interval. The sampler works with
 any diffusers video transformer whose ``forward(hidden_states, timestep, encoder_hidden_states)``
 returns ``.sample`` (Wan, or Wan with vidsparse's sparse attention patched in).
 """
@@ -29,6 +31,8 @@ __all__ = [
     "time_grid",
     "predict_velocity",
     "sample",
+    "check_sampler_settings",
+    "describe_sampler",
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -147,6 +151,8 @@ def sample(
     noise: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     shift: float = 1.0,
+    eta: float = 0.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     progress: bool = True,
 ) -> torch.Tensor:
     """Generate videos with Euler steps from t = 1 (noise) to t = 0 (data).
@@ -162,6 +168,15 @@ def sample(
         guidance_scale: classifier-free guidance weight w; v = v_uncond + w * (v_cond - v_uncond)
             with the all-zero condition as the unconditional branch. 1.0 disables guidance.
         shift: time-grid warp, see :func:`time_grid`.
+        eta: stochasticity in [0, 1]. Each step from t to t' predicts x0 and the noise from v,
+            moves to t' and swaps a fraction of the predicted noise for fresh noise: standard
+            deviation ``eta * t' * sqrt(1 - ((1 - t) t' / ((1 - t') t))^2)`` (DDIM's sigma for
+            x_t = (1 - t) x0 + t noise). 0 (default) is exactly the Euler ODE step; 1 samples the
+            posterior q(x_t' | x_t, x0) as an ancestral sampler does. Fresh noise comes from
+            ``generator`` (a fixed seed-0 generator on the device when None), so equal calls give
+            equal videos.
+        guidance_interval: (t_lo, t_hi); guidance applies at steps whose t lies in [t_lo, t_hi],
+            the conditional velocity alone elsewhere. (0, 1) (default) guides every step.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -186,8 +201,9 @@ def sample(
         if len(shape) != 5 or shape[0] != b:
             raise ValueError(f"shape must be (C, T, H, W) or (B={b}, C, T, H, W), got {shape}")
         x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    lo, hi = check_sampler_settings(guidance_scale, guidance_interval, eta)
+    if eta > 0 and generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
 
     from tqdm.auto import tqdm
 
@@ -196,10 +212,52 @@ def sample(
     grid = time_grid(steps, shift=shift, device=device)
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t, t_next = grid[i], grid[i + 1]
-        x_in = torch.cat([x, x]) if guided else x
-        v = predict_velocity(model, x_in, t.expand(x_in.shape[0]), cond)
-        if guided:
+        guide_now = guided and lo <= float(t) <= hi
+        x_in = torch.cat([x, x]) if guide_now else x
+        v = predict_velocity(model, x_in, t.expand(x_in.shape[0]), cond if guide_now else cond_embeds)
+        if guide_now:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
-        x = x + (t_next - t) * v
+        sigma = _renoise_std(float(t), float(t_next), eta)
+        if sigma == 0.0:
+            x = x + (t_next - t) * v
+            continue
+        # x = (1 - t) x0 + t eps and v = eps - x0 give both predictions
+        x0_hat, eps_hat = x - t * v, x + (1 - t) * v
+        fresh = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        x = (1 - t_next) * x0_hat + math.sqrt(float(t_next) ** 2 - sigma**2) * eps_hat + sigma * fresh
     return x
+
+
+def _renoise_std(t: float, t_next: float, eta: float) -> float:
+    """DDIM's sigma for the step t -> t_next < t of x_t = (1 - t) x0 + t eps, scaled by eta."""
+    if eta == 0.0 or t_next <= 0.0:
+        return 0.0
+    ratio = (1 - t) * t_next / ((1 - t_next) * t)
+    return eta * t_next * math.sqrt(max(0.0, 1 - ratio**2))
+
+
+def check_sampler_settings(guidance_scale: float, guidance_interval, eta: float) -> tuple[float, float]:
+    """Raise ValueError naming the bad argument; returns the guidance interval as floats (t_lo, t_hi)."""
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    try:
+        lo, hi = (float(v) for v in guidance_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi), got {guidance_interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {guidance_interval!r}")
+    return lo, hi
+
+
+def describe_sampler(guidance_scale: float, guidance_interval=(0.0, 1.0), eta: float = 0.0, shift: float = 1.0) -> str:
+    """One line for tables and titles, e.g. "guidance 4 for t in [0.1, 0.7], shift 1"."""
+    lo, hi = (float(v) for v in guidance_interval)
+    text = "no guidance" if guidance_scale == 1.0 else f"guidance {guidance_scale:g}"
+    if guidance_scale != 1.0 and (lo, hi) != (0.0, 1.0):
+        text += f" for t in [{lo:g}, {hi:g}]"
+    if eta > 0:
+        text += f", eta {eta:g}"
+    return text + f", shift {shift:g}"
