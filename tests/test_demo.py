@@ -19,12 +19,13 @@ import torch
 from vidsparse import demo
 from vidsparse.cli import main
 from vidsparse.data import describe, sample_conditions
-from vidsparse.models.tiny_wan import default_weights_dir, load_tiny_wan
+from vidsparse.models.tiny_wan import default_weights_dir, load_sampling_defaults, load_tiny_wan
 
 SMALL = ["--frames", "4", "--size", "32", "--device", "cpu", "--no-progress"]
 
 RESULT_KEYS = {
-    "model", "distilled", "device", "dtype", "backend", "samples", "steps", "guidance_scale", "shift", "seed",
+    "model", "distilled", "device", "dtype", "backend", "samples", "steps", "guidance_scale", "guidance_interval",
+    "eta", "shift", "seed",
     "frames", "size", "tokens", "reduced_for_cpu", "sparse_config", "captions", "sparsity", "sparsity_per_layer",
     "attention_s", "sampling_s", "psnr_db", "ssim", "psnr_db_mean", "ssim_mean", "mask", "video", "files",
     "total_s", "labels",
@@ -49,6 +50,10 @@ def test_default_cpu_run_writes_every_file(default_run, capsys):
         "steps": {"default": 40, "used": demo.CPU_STEPS},
     }
     assert on_disk["samples"] == 1 and on_disk["steps"] == demo.CPU_STEPS and on_disk["backend"] == "gather"
+    # the other sampler settings are the shipped model's sampling.json
+    sampling = load_sampling_defaults()
+    assert on_disk["guidance_scale"] == sampling["guidance_scale"] and on_disk["shift"] == sampling["shift"]
+    assert tuple(on_disk["guidance_interval"]) == sampling["guidance_interval"] and on_disk["eta"] == sampling["eta"]
     assert on_disk["tokens"] == 4 * 8 * 8 and on_disk["device"] == "cpu"
     assert on_disk["captions"] == describe(sample_conditions(1, seed=0, split="val"))
     # 256 tokens = 2 query x 4 key blocks; topk=0.03 keeps 1 key block per row (at least one) and
@@ -196,6 +201,10 @@ def test_synthetic_demo_writes_mask_and_summary(tmp_path, capsys):
         (["--layer", "5"], "--layer"),
         (["--head", "4"], "--head"),
         (["--guidance-scale", "nan"], "--guidance-scale"),
+        (["--eta", "1.5"], "--eta"),
+        (["--guidance-interval", "0.8", "0.2"], "--guidance-interval"),
+        (["--guidance-interval", "0.2"], "--guidance-interval"),
+        (["--synthetic", "--eta", "0.5"], "--eta"),
     ],
 )
 def test_bad_flags_are_argparse_errors_naming_the_flag(argv, flag, tmp_path, capsys):

@@ -162,7 +162,7 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(model_dir), "--frames", "4", "--size", "16", "--block-q", "16", "--block-k", "16",
             "--clips", "2", "--num-t", "2", "--samples", "1", "--steps", "2", "--shape-samples", "0",
-            "--device", "cpu", "--no-progress",
+            "--guidance-interval", "0.2", "0.9", "--eta", "0.5", "--device", "cpu", "--no-progress",
             "--setting", "k25:topk=0.25,topp=none", "--setting", "p50:topk=none,topp=0.5",
             "--json", str(out)]
     assert cli_main(argv) == 0
@@ -173,6 +173,8 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert payload["model"] == str(model_dir) and payload["device"] == "cpu"
     assert {"torch", "diffusers", "vidsparse"} <= set(payload["versions"])
     assert payload["settings"]["clips"] == 2 and payload["settings"]["reduced_cpu_settings"] == []
+    assert payload["settings"]["guidance_interval"] == [0.2, 0.9] and payload["settings"]["eta"] == 0.5
+    assert "for t in [0.2, 0.9], eta 0.5" in text
     rows = {r["setting"]: r for r in payload["results"]}
     assert list(rows) == ["dense", "k25", "p50"]  # --setting replaces the default hybrid
     assert [rows[n]["method"] for n in rows] == ["dense", "topk", "topp"]
@@ -277,6 +279,8 @@ def test_cli_priors_from_a_setting_and_from_a_students_sparse_config(tmp_path):
         (["--shape-samples", "-2"], "--shape-samples must be >= 0"),
         (["--backend", "cuda"], "--backend must be auto or one of"),
         (["--device", "gpu0"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--eta", "-1"], "--eta (default: the model's sampling.json): eta must be in [0, 1]"),
+        (["--guidance-interval", "0.9", "0.1"], "guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1"),
     ],
 )
 def test_cli_bad_arguments(args, message, capsys):

@@ -168,6 +168,72 @@ def test_euler_sampler_follows_the_flow_exactly():
         assert torch.allclose(out, x0, atol=1e-5)
 
 
+def test_stochastic_steps_land_on_x0_for_the_exact_velocity():
+    # with the exact velocity every x0 prediction is x0 itself, so re-noised steps end there too
+    x0 = torch.rand(2, 3, 2, 4, 4) * 2 - 1
+    cond = torch.randn(2, 5, 8)
+    for eta in (0.5, 1.0):
+        out = sample(_PointMassVelocity(x0), cond, shape=(3, 2, 4, 4), steps=4, eta=eta,
+                     generator=torch.Generator().manual_seed(0), progress=False)
+        assert torch.allclose(out, x0, atol=1e-5)
+
+
+class _GaussianVelocity(torch.nn.Module):
+    """The exact velocity field of x0 ~ N(mu, s^2) per element: v = E[eps | x_t] - E[x0 | x_t]."""
+
+    def __init__(self, mu: float, s: float):
+        super().__init__()
+        self.mu, self.s = mu, s
+        self.proj_out = torch.nn.Linear(1, 1)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        t = (timestep / 1000).view(-1, 1, 1, 1, 1).double()
+        x = hidden_states.double()
+        var = (1 - t) ** 2 * self.s**2 + t**2
+        centred = x - (1 - t) * self.mu
+        x0_mean = self.mu + (1 - t) * self.s**2 / var * centred
+        eps_mean = t / var * centred
+        return type("Output", (), {"sample": (eps_mean - x0_mean).float()})()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_sampler_reaches_the_data_distribution_at_any_eta(eta):
+    # a wrong re-noising std would widen or narrow the samples: compare their moments with the data's
+    # (400 steps: the first-order steps' own bias is then < 1%; at 100 steps eta = 1 is still 5% narrow)
+    mu, s = 0.7, 0.3
+    cond = torch.zeros(1, 1, 4)
+    out = sample(_GaussianVelocity(mu, s), cond, shape=(1, 1, 1, 200, 200), steps=400, eta=eta,
+                 generator=torch.Generator().manual_seed(0), progress=False)
+    assert abs(out.mean().item() - mu) < 0.01
+    assert abs(out.std().item() - s) / s < 0.02
+
+
+def test_sampler_eta_and_guidance_interval():
+    model = _randomise_output(build_tiny_wan(**MINI)).eval()
+    _, emb, _ = make_batch(2, config=MINI_DATA)
+    noise = torch.randn(2, 3, 4, 16, 16)
+    kw = dict(noise=noise, steps=4, progress=False)
+    ode = sample(model, emb, guidance_scale=3.0, **kw)
+    assert torch.equal(ode, sample(model, emb, guidance_scale=3.0, eta=0.0, guidance_interval=(0.0, 1.0), **kw))
+    # eta > 0 is random but reproducible (a fixed generator when none is given)
+    sde = sample(model, emb, guidance_scale=3.0, eta=1.0, **kw)
+    assert torch.equal(sde, sample(model, emb, guidance_scale=3.0, eta=1.0, **kw))
+    assert not torch.allclose(sde, ode, atol=1e-3)
+    other = sample(model, emb, guidance_scale=3.0, eta=1.0, generator=torch.Generator().manual_seed(5), **kw)
+    assert not torch.allclose(sde, other, atol=1e-3)
+    # an interval that holds no step's t turns guidance off; one holding some steps is in between
+    unguided = sample(model, emb, guidance_scale=1.0, **kw)
+    assert torch.equal(sample(model, emb, guidance_scale=3.0, guidance_interval=(0.0, 0.0), **kw), unguided)
+    partial = sample(model, emb, guidance_scale=3.0, guidance_interval=(0.3, 0.8), **kw)
+    assert not torch.allclose(partial, ode, atol=1e-4) and not torch.allclose(partial, unguided, atol=1e-4)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="eta must be in"):
+            sample(model, emb, eta=bad, **kw)
+    for bad in ((0.8, 0.2), (0.0, 1.5), (0.1,), "ab"):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            sample(model, emb, guidance_interval=bad, **kw)
+
+
 def test_sampler_on_the_tiny_model():
     model = _randomise_output(build_tiny_wan(**MINI)).eval()
     _, emb, _ = make_batch(2, config=MINI_DATA)
@@ -236,7 +302,7 @@ def test_train_exports_fp16_model_card_and_figures(tmp_path):
     from safetensors import safe_open
 
     summary = train(_mini_train_config(tmp_path, steps=3, export=True, num_samples=1, shape_samples=2, sample_steps=2,
-                                       t_shift=2.0, guidance_scale=2.5))
+                                       t_shift=2.0, guidance_scale=2.5, guidance_interval=(0.2, 0.8)))
     model_dir = tmp_path / "model"
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "MODEL_CARD.md", "samples.png", "loss_curve.png", "sampling.json"):
         assert (model_dir / name).is_file(), name
@@ -245,7 +311,8 @@ def test_train_exports_fp16_model_card_and_figures(tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded = load_tiny_wan(model_dir)
     assert loaded.config.num_layers == 1
-    assert load_sampling_defaults(model_dir) == {"steps": 2, "guidance_scale": 2.5, "shift": 2.0}
+    assert load_sampling_defaults(model_dir) == {"steps": 2, "guidance_scale": 2.5, "guidance_interval": (0.2, 0.8),
+                                                 "eta": 0.0, "shift": 2.0}
     card = (model_dir / "MODEL_CARD.md").read_text()
     assert "| steps | 3 of 3 |" in card and "fp16" in card
     assert summary["clips_seen"] == 6 and summary["val_loss_exported"] is not None
@@ -285,6 +352,9 @@ def test_command_line(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x"), "--steps", "0"]) == 2
     with pytest.raises(ValueError, match="timesteps"):
         TrainConfig(out="x", timesteps="cosine")
+    with pytest.raises(ValueError, match="guidance_interval"):
+        TrainConfig(out="x", guidance_interval=(0.7, 0.1))
+    assert main(["--out", str(tmp_path / "y"), "--guidance-interval", "0.5", "2"]) == 2
 
 
 def test_auto_steps_fill_the_time_limit(tmp_path, monkeypatch):

@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance weight (default: the model's sampling.json; 1 disables)")
     parser.add_argument("--shift", type=_positive_float, default=None,
                         help="time-grid shift (default: sampling.json)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                        help="guide only the steps with t in [T_LO, T_HI] (default: sampling.json)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="sampler stochasticity in [0, 1]; 0 = Euler ODE (default: sampling.json)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the conditions and of the shared noise")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--layer", type=_nonneg_int, default=None,
@@ -345,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _MODEL_ONLY = ("model", "distilled", "distilled_path", "samples", "steps", "guidance_scale", "shift",
-               "layer", "size", "token_order", "keep_diagonal", "keep_sink")
+               "guidance_interval", "eta", "layer", "size", "token_order", "keep_diagonal", "keep_sink")
 
 
 def _check_flags(args, parser) -> None:
@@ -480,13 +484,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run(model, cond, noise, *, steps, guidance_scale, shift, desc, progress, device):
-    """flow.sample with a progress bar over the network calls; returns (video clamped, seconds)."""
+def _run(model, cond, noise, *, desc, progress, device, **sampler):
+    """flow.sample(**sampler) with a progress bar over the network calls; returns (video clamped, seconds)."""
     from tqdm.auto import tqdm
 
     from vidsparse.models import flow
 
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=True)
+    bar = tqdm(total=sampler["steps"], desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=True)
 
     def tick(*_):
         bar.update(1)  # returns None: the hook must not replace the output
@@ -495,8 +499,7 @@ def _run(model, cond, noise, *, steps, guidance_scale, shift, desc, progress, de
     try:
         _sync(device)
         t0 = time.perf_counter()
-        video = flow.sample(model, cond, noise=noise, steps=steps, guidance_scale=guidance_scale,
-                            shift=shift, progress=False)
+        video = flow.sample(model, cond, noise=noise, progress=False, **sampler)
         _sync(device)
         seconds = time.perf_counter() - t0
     finally:
@@ -693,6 +696,7 @@ def model_main(args, parser) -> dict:
     from vidsparse import integrations as integ
     from vidsparse.data import ShapesConfig, describe, embed, sample_conditions
     from vidsparse.metrics import video_psnr_ssim
+    from vidsparse.models import flow
     from vidsparse.models.tiny_wan import default_weights_dir, describe_model, load_sampling_defaults, load_tiny_wan
 
     device = _device(args, parser)
@@ -723,6 +727,12 @@ def model_main(args, parser) -> dict:
             reduced["steps"] = (int(sampling["steps"]), steps)
     guidance = float(sampling["guidance_scale"]) if args.guidance_scale is None else args.guidance_scale
     shift = float(sampling["shift"]) if args.shift is None else args.shift
+    interval = sampling["guidance_interval"] if args.guidance_interval is None else tuple(args.guidance_interval)
+    eta = float(sampling["eta"]) if args.eta is None else args.eta
+    try:
+        flow.check_sampler_settings(guidance, interval, eta)
+    except ValueError as e:
+        parser.error(f"--guidance-scale / --guidance-interval / --eta (default: the model's sampling.json): {e}")
 
     model = load_tiny_wan(model_dir, device=device, dtype=dtype)
     student = load_tiny_wan(distilled_dir, device=device, dtype=dtype) if distilled_dir else None
@@ -759,7 +769,7 @@ def model_main(args, parser) -> dict:
     name = f"{model_dir}" if args.model else "embedded tiny Wan"
     print(f"vidsparse demo: {name}: {describe_model(model, frames, size)}")
     print(f"  {str(dtype).replace('torch.', '')} on {device}; {samples} sample(s) of the 'val' split, "
-          f"{steps} Euler steps, guidance {guidance:g}, shift {shift:g}, seed {args.seed}")
+          f"{steps} steps, {flow.describe_sampler(guidance, interval, eta, shift)}, seed {args.seed}")
     if reduced:
         what = " and ".join(f"{new} {k.rstrip('s') if new == 1 else k} instead of {old}"
                             for k, (old, new) in reduced.items())
@@ -773,7 +783,7 @@ def model_main(args, parser) -> dict:
                                                        ("sink", sparse_cfg.keep_sink)) if on)
           + backend)
     progress = not args.no_progress
-    common = dict(steps=steps, guidance_scale=guidance, shift=shift, device=device)
+    common = dict(steps=steps, guidance_scale=guidance, guidance_interval=interval, eta=eta, shift=shift, device=device)
     sparse_model = student if student is not None else model
 
     if cuda:  # warm-up: cuDNN/SDPA selection, Triton compilation and autotuning are not timed
@@ -868,7 +878,8 @@ def model_main(args, parser) -> dict:
         "model": str(model_dir), "distilled": str(distilled_dir) if distilled_dir else None,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "backend": "triton" if cuda else "gather",
-        "samples": samples, "steps": steps, "guidance_scale": guidance, "shift": shift, "seed": args.seed,
+        "samples": samples, "steps": steps, "guidance_scale": guidance, "guidance_interval": list(interval), "eta": eta,
+        "shift": shift, "seed": args.seed,
         "frames": frames, "size": size, "tokens": math.prod(grid),
         "reduced_for_cpu": {k: {"default": old, "used": new} for k, (old, new) in reduced.items()},
         "sparse_config": sparse_cfg.to_dict(),

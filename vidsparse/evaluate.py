@@ -262,10 +262,13 @@ def sample_videos(
     steps: int,
     guidance_scale: float,
     shift: float,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    eta: float = 0.0,
     progress: bool = False,
     stats_out: dict | None = None,
 ) -> torch.Tensor:
-    """Euler samples of ``model`` with ``sparse`` attention (None: dense) from the given noise.
+    """Samples of ``model`` with ``sparse`` attention (None: dense) from the given noise
+    (:func:`vidsparse.models.flow.sample` with these sampler settings).
 
     The model is patched for the call and unpatched afterwards (also on error); ``dense_steps``
     of ``sparse`` applies (counted from this generation's first step). Runs on the device of
@@ -279,8 +282,8 @@ def sample_videos(
 
     _check_sparse(sparse)
     with _attention(model, sparse, stats_out), _amp(cond_embeds.device):
-        x = sample(model, cond_embeds, noise=noise.to(cond_embeds.device), steps=steps,
-                   guidance_scale=guidance_scale, shift=shift, progress=progress)
+        x = sample(model, cond_embeds, noise=noise.to(cond_embeds.device), steps=steps, guidance_scale=guidance_scale,
+                   guidance_interval=guidance_interval, eta=eta, shift=shift, progress=progress)
     return x.float().clamp_(-1, 1)
 
 
@@ -324,6 +327,8 @@ def sample_shape_accuracy(
     steps: int,
     guidance_scale: float,
     shift: float,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    eta: float = 0.0,
     split: str = "val",
     seed: int = 0,
     data: "ShapesConfig | None" = None,
@@ -345,6 +350,7 @@ def sample_shape_accuracy(
     device = _resolve_device(model, device)
     cond, emb, noise = _single_object_inputs(shape_samples, split=split, seed=seed, data=data, device=device)
     videos = sample_videos(model, sparse, emb, noise, steps=steps, guidance_scale=guidance_scale, shift=shift,
+                           guidance_interval=guidance_interval, eta=eta,
                            progress=progress).cpu()
     return shape_accuracy(videos, cond.to("cpu"))
 
@@ -372,6 +378,8 @@ def evaluate_variant(
     sample_steps: int = 20,
     guidance_scale: float | None = None,
     shift: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    eta: float | None = None,
     seed: int = 0,
     device=None,
     progress: bool = False,
@@ -389,8 +397,9 @@ def evaluate_variant(
             distilled student pass the original dense model.
         split, clips, batch_size, seed, num_t, data: see :func:`validation_loss`.
         samples: conditions sampled (clips 0..samples-1 of ``split``; 0 skips the samples).
-        sample_steps: Euler steps. guidance_scale, shift: sampler settings; None = the model
-            directory's ``sampling.json`` (:func:`vidsparse.models.load_sampling_defaults`).
+        sample_steps: Euler steps. guidance_scale, shift, guidance_interval, eta: sampler settings
+            (:func:`vidsparse.models.flow.sample`); None = the model directory's ``sampling.json``
+            (:func:`vidsparse.models.load_sampling_defaults`).
         device: where to run (models are moved there); None = the model's device.
         progress: tqdm bars.
         cache: a dict shared between calls to reuse the reference's dense samples (one CLI run
@@ -401,7 +410,7 @@ def evaluate_variant(
     Returns:
         ``{"val_loss", "per_t", "sparsity", "layer_sparsity", "psnr", "ssim", "samples",
         "seconds", "val_seconds", "sample_seconds", "sample_sparsity", "guidance_scale",
-        "shift", "sample_steps", "shape_accuracy", "shape_per_shape", "shape_confusion",
+        "guidance_interval", "eta", "shift", "sample_steps", "shape_accuracy", "shape_per_shape", "shape_confusion",
         "shape_samples"}`` (the three ``shape_*`` results None without shape samples).
         ``psnr``/``ssim`` are means over the videos (None with ``samples=0``; ``inf``/1.0 for
         identical videos); ``seconds`` is this setting's own time
@@ -420,6 +429,8 @@ def evaluate_variant(
     defaults = _sampling_defaults(model, reference)
     guidance_scale = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
     shift = float(defaults["shift"] if shift is None else shift)
+    guidance_interval = tuple(defaults["guidance_interval"] if guidance_interval is None else guidance_interval)
+    eta = float(defaults["eta"] if eta is None else eta)
 
     t0 = time.perf_counter()
     val = validation_loss(model, sparse, split=split, clips=clips, batch_size=batch_size, seed=seed, num_t=num_t,
@@ -427,12 +438,15 @@ def evaluate_variant(
     val_seconds = time.perf_counter() - t0
     out: dict[str, Any] = dict(val)
     out.update(psnr=None, ssim=None, samples=samples, sample_seconds=0.0, sample_sparsity=None,
-               guidance_scale=guidance_scale, shift=shift, sample_steps=sample_steps)
+               guidance_scale=guidance_scale, guidance_interval=guidance_interval, eta=eta, shift=shift,
+               sample_steps=sample_steps)
     if samples:
         cache = {} if cache is None else cache
-        key = ("reference", id(reference), split, samples, sample_steps, guidance_scale, shift, seed, data, str(device))
+        key = ("reference", id(reference), split, samples, sample_steps, guidance_scale, guidance_interval, eta, shift,
+               seed, data, str(device))
         emb, noise = _sample_inputs(samples, split=split, seed=seed, data=data, device=device)
-        sampler = dict(steps=sample_steps, guidance_scale=guidance_scale, shift=shift, progress=progress)
+        sampler = dict(steps=sample_steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval, eta=eta,
+                       shift=shift, progress=progress)
         if key not in cache:
             t1 = time.perf_counter()
             ref = sample_videos(reference, None, emb, noise, **sampler).cpu()
@@ -454,6 +468,7 @@ def evaluate_variant(
         t1 = time.perf_counter()
         judged = sample_shape_accuracy(
             model, sparse, shape_samples, steps=sample_steps, guidance_scale=guidance_scale, shift=shift,
+            guidance_interval=guidance_interval, eta=eta,
             split=split, seed=seed, data=data, device=device, progress=progress)
         out.update(shape_accuracy=judged["accuracy"], shape_per_shape=judged["per_shape"],
                    shape_confusion=judged["confusion"])
@@ -601,6 +616,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="Euler steps per sample (default 20 on CUDA, 8 on CPU)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's sampling.json")
     p.add_argument("--shift", type=float, default=None, help="default: the model's sampling.json")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                   help="guide only steps with t in [T_LO, T_HI] (default: the model's sampling.json)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="sampler stochasticity in [0, 1], 0 = Euler ODE (default: the model's sampling.json)")
     p.add_argument("--batch-size", type=int, default=None, help="items per forward (default 16 on CUDA, 4 on CPU)")
     p.add_argument("--frames", type=int, default=16, help="clip frames (the tiny model: 16)")
     p.add_argument("--size", type=int, default=64, help="clip height = width in pixels (the tiny model: 64)")
@@ -762,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
+    from .models.flow import check_sampler_settings, describe_sampler
     from .models.tiny_wan import load_tiny_wan, token_grid
 
     model = load_tiny_wan(model_dir, device=device)
@@ -774,14 +794,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = _sampling_defaults(model, reference)
     guidance = sampling["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     shift = sampling["shift"] if args.shift is None else args.shift
+    interval = sampling["guidance_interval"] if args.guidance_interval is None else tuple(args.guidance_interval)
+    eta = sampling["eta"] if args.eta is None else args.eta
+    try:
+        check_sampler_settings(guidance, interval, eta)
+    except ValueError as e:
+        parser.error(f"--guidance-scale / --guidance-interval / --eta (default: the model's sampling.json): {e}")
     progress = not args.no_progress
 
     print(f"vidsparse eval: {model_dir} ({tokens} tokens per clip) on {_device_name(device)}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}")
     if ref_dir != model_dir:
         print(f"reference (dense) for PSNR/SSIM: {ref_dir}")
-    sampled = (f"PSNR/SSIM on {run['samples']} samples x {run['steps']} Euler steps (guidance {guidance:g}, "
-               f"shift {shift:g})") if run["samples"] else "no samples (PSNR/SSIM skipped)"
+    sampled = (f"PSNR/SSIM on {run['samples']} samples x {run['steps']} steps ({describe_sampler(guidance, interval, eta, shift)})"
+               if run["samples"] else "no samples (PSNR/SSIM skipped)")
     if run["shape_samples"]:
         sampled += f"; shape accuracy on {run['shape_samples']} single-object samples"
     print(f"split {args.split!r}: val loss on {run['clips']} clips x {run['num_t']} times; {sampled}; seed {args.seed}")
@@ -800,7 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = evaluate_variant(
                 model, s.config(args.backend, args.token_order), reference=reference, split=args.split, clips=run["clips"],
                 batch_size=run["batch_size"], samples=run["samples"], sample_steps=run["steps"],
-                guidance_scale=guidance, shift=shift, seed=args.seed, device=device, progress=progress,
+                guidance_scale=guidance, shift=shift, guidance_interval=interval, eta=eta, seed=args.seed, device=device,
+                progress=progress,
                 num_t=run["num_t"], data=data, cache=cache, shape_samples=run["shape_samples"],
             )
             cfg = s.config(args.backend, args.token_order)
@@ -845,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "split": args.split, "clips": run["clips"], "num_t": run["num_t"], "samples": run["samples"],
             "shape_samples": run["shape_samples"],
             "sample_steps": run["steps"], "batch_size": run["batch_size"], "guidance_scale": guidance,
-            "shift": shift, "seed": args.seed, "frames": data.frames, "size": data.size, "tokens": tokens,
+            "guidance_interval": list(interval), "eta": eta, "shift": shift, "seed": args.seed, "frames": data.frames, "size": data.size, "tokens": tokens,
             "backend": args.backend, "reduced_cpu_settings": reduced,
         },
         "results": results,

@@ -173,16 +173,17 @@ def load_tiny_wan(
     return model.to(device).eval()
 
 
-#: Euler sampler settings for the tiny model when its directory has no ``sampling.json``
-SAMPLING_DEFAULTS = {"steps": 40, "guidance_scale": 2.0, "shift": 3.0}
+#: Sampler settings for the tiny model when its directory has no ``sampling.json`` (or lacks a key)
+SAMPLING_DEFAULTS = {"steps": 40, "guidance_scale": 2.0, "guidance_interval": (0.0, 1.0), "eta": 0.0, "shift": 3.0}
 
 
-def load_sampling_defaults(path: str | os.PathLike | None = None) -> dict[str, float]:
+def load_sampling_defaults(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Sampler settings saved beside the weights by the trainer (``sampling.json``).
 
-    Returns a dict with ``steps``, ``guidance_scale`` and ``shift`` (keyword arguments of
-    :func:`vidsparse.models.flow.sample`); :data:`SAMPLING_DEFAULTS` for missing entries. ``shift``
-    should match the time shift the model was trained with.
+    Returns a dict with ``steps``, ``guidance_scale``, ``guidance_interval`` (a (t_lo, t_hi) tuple),
+    ``eta`` and ``shift``: keyword arguments of :func:`vidsparse.models.flow.sample`;
+    :data:`SAMPLING_DEFAULTS` for missing entries. ``shift`` should match the time shift the model
+    was trained with.
     """
     import json
 
@@ -192,6 +193,7 @@ def load_sampling_defaults(path: str | os.PathLike | None = None) -> dict[str, f
     if file.is_file():
         saved = json.loads(file.read_text())
         out.update({k: saved[k] for k in SAMPLING_DEFAULTS if k in saved})
+    out["guidance_interval"] = tuple(float(v) for v in out["guidance_interval"])
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["save_frame_strip", "save_loss_curve", "read_jsonl"]
+__all__ = ["save_frame_strip", "save_sample_strip", "save_loss_curve", "read_jsonl"]
 
 
 def _pyplot():
@@ -86,6 +86,42 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return []
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@torch.no_grad()
+def save_sample_strip(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    num_samples: int,
+    seed: int,
+    steps: int,
+    generator: torch.Generator | None = None,
+    data=None,
+    progress: bool = False,
+    **sampler,
+) -> list[str]:
+    """Sample the first ``num_samples`` "val" conditions of ``seed`` with a tiny-model-shaped
+    ``model`` and save a strip whose rows alternate the real clip and the sample for its condition.
+
+    ``sampler``: the other keyword arguments of :func:`vidsparse.models.flow.sample` (guidance_scale,
+    guidance_interval, eta, shift); ``generator`` (on the model's device) draws the initial noise.
+    Runs on the model's device in its dtype. Returns the captions, one per condition.
+    """
+    from ..data import ShapesConfig, describe, embed, render, sample_conditions
+    from ..models.flow import describe_sampler, sample
+
+    data = data or ShapesConfig()
+    device = next(model.parameters()).device
+    cond = sample_conditions(num_samples, seed=seed, split="val", config=data, device=device)
+    captions = describe(cond)
+    videos = sample(model, embed(cond, config=data), shape=(3, data.frames, data.size, data.size), steps=steps,
+                    generator=generator, progress=progress, **sampler)
+    both = torch.stack([render(cond, config=data).cpu(), videos.cpu()], dim=1).flatten(0, 1)  # data, sample, ...
+    labels = [f"{kind}: {c}" for c in captions for kind in ("data", "sample")]
+    title = f"val conditions; samples: {steps} Euler steps, {describe_sampler(**sampler)}"
+    save_frame_strip(path, both, labels, title=title)
+    return captions
 
 
 def save_loss_curve(

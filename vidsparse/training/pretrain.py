@@ -50,8 +50,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import ShapesConfig, describe, embed, make_batch, render, sample_conditions
-from ..models.flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample, sample_timesteps, velocity_target
+from ..data import ShapesConfig, make_batch
+from ..models.flow import (TIMESTEP_SAMPLING, check_sampler_settings, describe_sampler, noisy_sample, predict_velocity,
+                           sample_timesteps, velocity_target)
 
 __all__ = ["TrainConfig", "train", "main", "flow_matching_loss", "make_optimizer", "make_scheduler", "EMA"]
 
@@ -92,7 +93,8 @@ class TrainConfig:
             whose weights start this run instead of the random init; optimizer, schedule and EMA
             start fresh (a warm restart). The architecture must match. Ignored when resuming.
         export: write ``out/model`` (fp16 EMA, card, samples) at the end.
-        num_samples, sample_steps, guidance_scale: the sample strip made at export.
+        num_samples, sample_steps, guidance_scale, guidance_interval: the sampler settings of the
+            sample strip and shape accuracy at export, saved to ``sampling.json``.
         shape_samples: single-object conditions sampled at export to measure the shape accuracy
             (:mod:`vidsparse.models.shape_classifier`; 0 = skip).
         progress: show tqdm progress bars.
@@ -134,7 +136,8 @@ class TrainConfig:
     num_samples: int = 6
     shape_samples: int = 16
     sample_steps: int = 40
-    guidance_scale: float = 2.0
+    guidance_scale: float = 4.0
+    guidance_interval: tuple[float, float] = (0.1, 0.8)
     progress: bool = True
     data: ShapesConfig = field(default_factory=ShapesConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -171,6 +174,7 @@ class TrainConfig:
             raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
         if not self.t_shift > 0:
             raise ValueError(f"t_shift must be > 0, got {self.t_shift}")
+        self.guidance_interval = check_sampler_settings(self.guidance_scale, self.guidance_interval, 0.0)
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -705,41 +709,26 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
     shipped = load_tiny_wan(model_dir, device=device, dtype=torch.float32)
     val_exported = _validation_loss(shipped, val_batch, cfg.batch_size, amp)
 
-    sampling = {"steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "shift": cfg.t_shift}
+    sampler = dict(guidance_scale=cfg.guidance_scale, guidance_interval=cfg.guidance_interval, shift=cfg.t_shift)
+    sampling = {"steps": cfg.sample_steps, **sampler, "guidance_interval": list(cfg.guidance_interval)}
     (model_dir / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")  # read by load_sampling_defaults
     result: dict[str, Any] = {"model_dir": str(model_dir), "weights_bytes": weights.stat().st_size, "val_loss_exported": val_exported}
     if cfg.num_samples > 0:
-        data = cfg.data
-        cond = sample_conditions(cfg.num_samples, seed=cfg.seed, split="val", config=data, device=device)
-        captions = describe(cond)
-        videos = sample(
-            shipped,
-            embed(cond, config=data),
-            shape=(3, data.frames, data.size, data.size),
-            steps=cfg.sample_steps,
-            generator=_generator(device, cfg.seed, 2),
-            guidance_scale=cfg.guidance_scale,
-            shift=cfg.t_shift,
-            progress=cfg.progress,
-        )
-        real = render(cond, config=data)
         try:
-            from .plots import save_frame_strip
+            from .plots import save_sample_strip
 
-            both = torch.stack([real.cpu(), videos.cpu()], dim=1).flatten(0, 1)  # data, sample, data, ...
-            labels = [f"{kind}: {c}" for c in captions for kind in ("data", "sample")]
-            title = f"val conditions; samples: {cfg.sample_steps} Euler steps, CFG {cfg.guidance_scale}, shift {cfg.t_shift:g}"
-            save_frame_strip(model_dir / "samples.png", both, labels, title=title)
+            result["sample_captions"] = save_sample_strip(
+                model_dir / "samples.png", shipped, num_samples=cfg.num_samples, seed=cfg.seed, steps=cfg.sample_steps,
+                generator=_generator(device, cfg.seed, 2), data=cfg.data, progress=cfg.progress, **sampler)
             result["samples_png"] = str(model_dir / "samples.png")
         except ImportError:
             pass
-        result["sample_captions"] = captions
     if cfg.shape_samples > 0:
         from ..evaluate import sample_shape_accuracy
 
         judged = sample_shape_accuracy(
-            shipped, None, cfg.shape_samples, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-            shift=cfg.t_shift, seed=cfg.seed, data=cfg.data, device=device)
+            shipped, None, cfg.shape_samples, steps=cfg.sample_steps, seed=cfg.seed, data=cfg.data, device=device,
+            **sampler)
         result["shape_accuracy"] = judged["accuracy"]
         result["shape_per_shape"] = judged["per_shape"]
         result["shape_samples"] = cfg.shape_samples
@@ -803,7 +792,8 @@ from vidsparse.models import load_tiny_wan, sample
 model = load_tiny_wan("path/to/model", device="cuda")
 cond = conditions_from_text(["red disc bouncing, blue square orbiting, striped background"], device="cuda")
 video = sample(model, embed(cond), shape=(3, {d.frames}, {d.size}, {d.size}), steps={cfg.sample_steps},
-               guidance_scale={cfg.guidance_scale}, shift={cfg.t_shift})   # settings also in sampling.json
+               guidance_scale={cfg.guidance_scale}, guidance_interval={cfg.guidance_interval},
+               shift={cfg.t_shift})   # settings also in sampling.json
 ```
 
 ## Data
@@ -851,7 +841,7 @@ The validation loss uses {cfg.eval_clips} "val" clips with fixed noise and t spr
 
 ![loss curve](loss_curve.png)
 
-Samples ({cfg.sample_steps} Euler steps, guidance {cfg.guidance_scale}, shift {cfg.t_shift:g}); rows alternate a validation clip and a sample for its condition:
+Samples ({cfg.sample_steps} Euler steps, {describe_sampler(cfg.guidance_scale, cfg.guidance_interval, 0.0, cfg.t_shift)}); rows alternate a validation clip and a sample for its condition:
 
 ![samples](samples.png)
 
@@ -914,6 +904,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="single-object samples judged by the shape classifier at export (0 = skip)")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=d.guidance_interval, metavar=("T_LO", "T_HI"),
+                   help="guide only sampling steps with t in [T_LO, T_HI]")
     p.add_argument("--no-progress", action="store_true")
     small = p.add_argument_group("reduced sizes (smoke tests)")
     small.add_argument("--frames", type=int, default=d.data.frames)
@@ -957,6 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shape_samples=args.shape_samples,
             sample_steps=args.sample_steps,
             guidance_scale=args.guidance_scale,
+            guidance_interval=tuple(args.guidance_interval),
             progress=not args.no_progress,
             data=ShapesConfig(frames=args.frames, size=args.size),
             model_overrides=overrides,
