@@ -9,7 +9,8 @@
 #
 # $OUT receives 8 files (the device tool brings back no more): summary.json, loss_curve.png,
 # student/ (config.json, fp16 weights, sparse_config.json), eval_original.json, eval_student.json
-# and demo_results.json. The training log stays in runs/distill; its tail is printed.
+# and demo_results.json. The training log stays in runs/distill; its tail is printed. EVAL_ARGS adds
+# flags to both evals (e.g. "--shape-samples 64 --steps 40").
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT" runs
 rm -rf runs/distill runs/demo  # a warm machine keeps runs/ from an earlier call
@@ -28,9 +29,9 @@ tail -25 runs/distill.log
 cp runs/distill/summary.json runs/distill/loss_curve.png "$OUT/" 2>/dev/null
 cp -r runs/distill/student "$OUT/student" 2>/dev/null
 setting="hybrid-$ORDER:topk=$TOPK,topp=$TOPP,block_q=$BQ,block_k=$BK$DIAG_KEY"
-python3 -m vidsparse.cli eval --setting "$setting" --token-order "$ORDER" --no-progress --json "$OUT/eval_original.json" 2>&1 | tail -8
+python3 -m vidsparse.cli eval --setting "$setting" --token-order "$ORDER" ${EVAL_ARGS:-} --no-progress --json "$OUT/eval_original.json" 2>&1 | tail -8
 [ $rc -eq 0 ] && python3 -m vidsparse.cli eval --model runs/distill/student --reference vidsparse/assets/tiny_wan \
-  --setting "$setting" --no-progress --json "$OUT/eval_student.json" 2>&1 | tail -8
+  --setting "$setting" ${EVAL_ARGS:-} --no-progress --json "$OUT/eval_student.json" 2>&1 | tail -8
 [ $rc -eq 0 ] && timeout 120 python3 -m vidsparse.cli demo --distilled-path runs/distill/student --out runs/demo \
   --no-progress 2>&1 | tail -15 && cp runs/demo/results.json "$OUT/demo_results.json"
 exit $rc

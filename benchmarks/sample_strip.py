@@ -1,0 +1,47 @@
+"""Frame strip of a tiny model's samples with its own sampler settings (sampling.json), for the docs.
+
+Rows alternate a validation clip and the sample for its condition (the first N "val" conditions of
+--seed, initial noise from --seed): the same picture the pretraining export draws, but for any
+model directory and sampler flags.
+
+    python benchmarks/sample_strip.py --out docs/images/tiny_wan_samples.png
+    python benchmarks/sample_strip.py --guidance-scale 2 --guidance-interval 0 1 --out /tmp/g2.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from vidsparse.models import load_sampling_defaults, load_tiny_wan
+from vidsparse.training.plots import save_sample_strip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model directory (default: the shipped tiny model)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None)
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    sampler = load_sampling_defaults(args.model)
+    for key in ("steps", "guidance_scale", "guidance_interval", "eta"):
+        if getattr(args, key) is not None:
+            sampler[key] = tuple(getattr(args, key)) if key == "guidance_interval" else getattr(args, key)
+    model = load_tiny_wan(args.model, device=args.device)
+    steps = int(sampler.pop("steps"))
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    captions = save_sample_strip(args.out, model, num_samples=args.samples, seed=args.seed, steps=steps,
+                                 generator=generator, progress=True, **sampler)
+    print(json.dumps({"out": args.out, "steps": steps, **sampler, "captions": captions}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
