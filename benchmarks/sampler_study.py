@@ -10,6 +10,7 @@ so the winner's number is not the maximum of noisy estimates.
 
     python benchmarks/sampler_study.py --grid broad --samples 256 --json out/sampler_study.json
     python benchmarks/sampler_study.py --grid refine --samples 256 --confirm-seed 1 --json out/refine.json
+    python benchmarks/sampler_study.py --grid shipped --samples 256 --seed 2 --json out/shipped.json
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ REFINE.update({f"euler40 g{g} [0.1,0.7]": dict(steps=40, guidance_scale=float(g)
                for g in (3, 4, 5, 6)})
 REFINE.update({f"euler40 g4 [{lo},{hi}]": dict(steps=40, guidance_scale=4.0, guidance_interval=(lo, hi))
                for lo, hi in ((0.0, 0.7), (0.2, 0.7), (0.1, 0.6), (0.1, 0.8), (0.3, 0.8))})
-GRIDS = {"broad": BROAD, "refine": REFINE}
+# the old default against the shipped sampling.json, e.g. on another seed's conditions
+SHIPPED = {"euler40 g2": dict(steps=40, guidance_scale=2.0),
+           "euler40 g4 [0.1,0.8]": dict(steps=40, guidance_scale=4.0, guidance_interval=(0.1, 0.8))}
+GRIDS = {"broad": BROAD, "refine": REFINE, "shipped": SHIPPED}
 
 
 def main() -> None:
@@ -51,6 +55,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="the val conditions judged: the single-object clips of this seed")
     p.add_argument("--grid", choices=tuple(GRIDS), default="broad")
     p.add_argument("--confirm-seed", type=int, default=None,
                    help="sample the best variant and the baseline again on this seed's conditions")
@@ -61,8 +66,9 @@ def main() -> None:
     model = load_tiny_wan(args.model, device=device)
     classifier = load_shape_classifier(device=device)
     data = ShapesConfig()
-    cond, emb, noise = _single_object_inputs(args.samples, split="val", seed=0, data=data, device=device)
+    cond, emb, noise = _single_object_inputs(args.samples, split="val", seed=args.seed, data=data, device=device)
     results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "samples": args.samples,
+                     "seed": args.seed, "model": args.model or "shipped",
                      "one_step": {}, "variants": {}}
 
     # one-step x0 predictions from noised real clips

@@ -806,7 +806,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}")
     if ref_dir != model_dir:
         print(f"reference (dense) for PSNR/SSIM: {ref_dir}")
-    sampled = (f"PSNR/SSIM on {run['samples']} samples x {run['steps']} steps ({describe_sampler(guidance, interval, eta, shift)})"
+    sampler_text = describe_sampler(guidance, interval, eta, shift)
+    sampled = (f"PSNR/SSIM on {run['samples']} samples x {run['steps']} steps ({sampler_text})"
                if run["samples"] else "no samples (PSNR/SSIM skipped)")
     if run["shape_samples"]:
         sampled += f"; shape accuracy on {run['shape_samples']} single-object samples"
@@ -872,7 +873,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "split": args.split, "clips": run["clips"], "num_t": run["num_t"], "samples": run["samples"],
             "shape_samples": run["shape_samples"],
             "sample_steps": run["steps"], "batch_size": run["batch_size"], "guidance_scale": guidance,
-            "guidance_interval": list(interval), "eta": eta, "shift": shift, "seed": args.seed, "frames": data.frames, "size": data.size, "tokens": tokens,
+            "guidance_interval": list(interval), "eta": eta, "shift": shift, "seed": args.seed,
+            "frames": data.frames, "size": data.size, "tokens": tokens,
             "backend": args.backend, "reduced_cpu_settings": reduced,
         },
         "results": results,

@@ -210,22 +210,23 @@ def sample(
     guided = guidance_scale != 1.0
     cond = torch.cat([cond_embeds, torch.zeros_like(cond_embeds)]) if guided else cond_embeds
     grid = time_grid(steps, shift=shift, device=device)
+    times = grid.tolist()  # host copies for the per-step decisions (no device sync inside the loop)
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t, t_next = grid[i], grid[i + 1]
-        guide_now = guided and lo <= float(t) <= hi
+        guide_now = guided and lo <= times[i] <= hi
         x_in = torch.cat([x, x]) if guide_now else x
         v = predict_velocity(model, x_in, t.expand(x_in.shape[0]), cond if guide_now else cond_embeds)
         if guide_now:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
-        sigma = _renoise_std(float(t), float(t_next), eta)
+        sigma = _renoise_std(times[i], times[i + 1], eta)
         if sigma == 0.0:
             x = x + (t_next - t) * v
             continue
         # x = (1 - t) x0 + t eps and v = eps - x0 give both predictions
         x0_hat, eps_hat = x - t * v, x + (1 - t) * v
         fresh = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        x = (1 - t_next) * x0_hat + math.sqrt(float(t_next) ** 2 - sigma**2) * eps_hat + sigma * fresh
+        x = (1 - t_next) * x0_hat + math.sqrt(times[i + 1] ** 2 - sigma**2) * eps_hat + sigma * fresh
     return x
 
 
@@ -252,7 +253,9 @@ def check_sampler_settings(guidance_scale: float, guidance_interval, eta: float)
     return lo, hi
 
 
-def describe_sampler(guidance_scale: float, guidance_interval=(0.0, 1.0), eta: float = 0.0, shift: float = 1.0) -> str:
+def describe_sampler(
+    guidance_scale: float = 1.0, guidance_interval=(0.0, 1.0), eta: float = 0.0, shift: float = 1.0
+) -> str:
     """One line for tables and titles, e.g. "guidance 4 for t in [0.1, 0.7], shift 1"."""
     lo, hi = (float(v) for v in guidance_interval)
     text = "no guidance" if guidance_scale == 1.0 else f"guidance {guidance_scale:g}"
