@@ -856,7 +856,7 @@ def model_main(args, parser) -> dict:
     for rname, sp, att, msk, tot, p, s in rows:
         print(f"{rname:<26}{sp:>9.3f}{att:>13.2f}{('-' if msk is None else f'{msk:.2f}'):>8}{tot:>12.1f}"
               f"{('-' if p is None else f'{p:.2f}'):>9}{('-' if s is None else f'{s:.3f}'):>7}")
-    print(f"  sparsity: block-level, mean over layers, steps and heads; per layer "
+    print("  sparsity: block-level, mean over layers, steps and heads; per layer "
           + ", ".join(f"{k}: {v:.3f}" for k, v in sorted(per_layer.items())))
     print(f"  attention s: self-attention only, {steps} steps x {num_layers} layers "
           f"(dense: diffusers' SDPA call; vidsparse: {'Triton' if cuda else 'gather'} block-sparse "

@@ -676,7 +676,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
     vers = payload["versions"]
     plan = payload.get("plan") or {}
     lines = [
-        f"### SpargeAttention2 ablation (Table 6) on the tiny Wan model",
+        "### SpargeAttention2 ablation (Table 6) on the tiny Wan model",
         "",
         f"`{payload.get('command') or 'python -m vidsparse.training.ablation'}`, {payload['date']}, "
         f"**{payload['device_name']}**, torch {vers.get('torch')}, triton {vers.get('triton')}, "
