@@ -16,6 +16,7 @@ import json
 import torch
 
 from vidsparse.models import load_sampling_defaults, load_tiny_wan
+from vidsparse.models.flow import resolve_sampler
 from vidsparse.training.plots import save_sample_strip
 
 
@@ -31,12 +32,11 @@ def main() -> None:
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    sampler = load_sampling_defaults(args.model)
-    for key in ("steps", "guidance_scale", "guidance_interval", "eta"):
-        if getattr(args, key) is not None:
-            sampler[key] = tuple(getattr(args, key)) if key == "guidance_interval" else getattr(args, key)
+    defaults = load_sampling_defaults(args.model)
+    sampler = resolve_sampler(defaults, guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+                              eta=args.eta)
     model = load_tiny_wan(args.model, device=args.device)
-    steps = int(sampler.pop("steps"))
+    steps = int(defaults["steps"] if args.steps is None else args.steps)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     captions = save_sample_strip(args.out, model, num_samples=args.samples, seed=args.seed, steps=steps,
                                  generator=generator, progress=True, **sampler)

@@ -226,6 +226,17 @@ def test_sampler_eta_and_guidance_interval():
             sample(model, emb, guidance_interval=bad, **kw)
 
 
+def test_resolve_sampler_fills_only_what_is_not_given():
+    from vidsparse.models.flow import resolve_sampler
+
+    defaults = {"steps": 40, "guidance_scale": 4, "guidance_interval": [0.1, 0.8], "eta": 0, "shift": 1}
+    assert resolve_sampler(defaults) == {"guidance_scale": 4.0, "guidance_interval": (0.1, 0.8), "eta": 0.0, "shift": 1.0}
+    assert resolve_sampler(defaults, guidance_scale=2.0, guidance_interval=[0, 1], eta=0.5) == {
+        "guidance_scale": 2.0, "guidance_interval": (0.0, 1.0), "eta": 0.5, "shift": 1.0}
+    with pytest.raises(ValueError, match="guidance_interval"):
+        resolve_sampler(defaults, guidance_interval=(0.9, 0.1))
+
+
 def test_sampler_on_the_tiny_model():
     model = _randomise_output(build_tiny_wan(**MINI)).eval()
     _, emb, _ = make_batch(2, config=MINI_DATA)

@@ -725,12 +725,10 @@ def model_main(args, parser) -> dict:
         steps = int(sampling["steps"]) if cuda else min(CPU_STEPS, int(sampling["steps"]))
         if not cuda and steps != int(sampling["steps"]):
             reduced["steps"] = (int(sampling["steps"]), steps)
-    guidance = float(sampling["guidance_scale"]) if args.guidance_scale is None else args.guidance_scale
-    shift = float(sampling["shift"]) if args.shift is None else args.shift
-    interval = sampling["guidance_interval"] if args.guidance_interval is None else tuple(args.guidance_interval)
-    eta = float(sampling["eta"]) if args.eta is None else args.eta
     try:
-        flow.check_sampler_settings(guidance, interval, eta)
+        sampler = flow.resolve_sampler(sampling, guidance_scale=args.guidance_scale,
+                                       guidance_interval=args.guidance_interval, eta=args.eta, shift=args.shift)
+        guidance, interval, eta, shift = (sampler[k] for k in ("guidance_scale", "guidance_interval", "eta", "shift"))
     except ValueError as e:
         parser.error(f"--guidance-scale / --guidance-interval / --eta (default: the model's sampling.json): {e}")
 

@@ -426,11 +426,12 @@ def evaluate_variant(
     data = _data_config(model, data)
     device = _resolve_device(model, device)
     _resolve_device(reference, device)
-    defaults = _sampling_defaults(model, reference)
-    guidance_scale = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
-    shift = float(defaults["shift"] if shift is None else shift)
-    guidance_interval = tuple(defaults["guidance_interval"] if guidance_interval is None else guidance_interval)
-    eta = float(defaults["eta"] if eta is None else eta)
+    from .models.flow import resolve_sampler
+
+    resolved = resolve_sampler(_sampling_defaults(model, reference), guidance_scale=guidance_scale,
+                               guidance_interval=guidance_interval, eta=eta, shift=shift)
+    guidance_scale, guidance_interval, eta, shift = (resolved[k] for k in ("guidance_scale", "guidance_interval",
+                                                                          "eta", "shift"))
 
     t0 = time.perf_counter()
     val = validation_loss(model, sparse, split=split, clips=clips, batch_size=batch_size, seed=seed, num_t=num_t,
@@ -781,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from .models.flow import check_sampler_settings, describe_sampler
+    from .models.flow import describe_sampler, resolve_sampler
     from .models.tiny_wan import load_tiny_wan, token_grid
 
     model = load_tiny_wan(model_dir, device=device)
@@ -791,13 +792,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens = math.prod(token_grid(model.config, data.frames, data.size, data.size))
     except ValueError as e:
         parser.error(f"--frames/--size: {e}")
-    sampling = _sampling_defaults(model, reference)
-    guidance = sampling["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
-    shift = sampling["shift"] if args.shift is None else args.shift
-    interval = sampling["guidance_interval"] if args.guidance_interval is None else tuple(args.guidance_interval)
-    eta = sampling["eta"] if args.eta is None else args.eta
     try:
-        check_sampler_settings(guidance, interval, eta)
+        sampler = resolve_sampler(_sampling_defaults(model, reference), guidance_scale=args.guidance_scale,
+                                  guidance_interval=args.guidance_interval, eta=args.eta, shift=args.shift)
+        guidance, interval, eta, shift = (sampler[k] for k in ("guidance_scale", "guidance_interval", "eta", "shift"))
     except ValueError as e:
         parser.error(f"--guidance-scale / --guidance-interval / --eta (default: the model's sampling.json): {e}")
     progress = not args.no_progress

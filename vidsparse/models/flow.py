@@ -32,6 +32,7 @@ __all__ = [
     "predict_velocity",
     "sample",
     "check_sampler_settings",
+    "resolve_sampler",
     "describe_sampler",
 ]
 
@@ -251,6 +252,20 @@ def check_sampler_settings(guidance_scale: float, guidance_interval, eta: float)
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {guidance_interval!r}")
     return lo, hi
+
+
+def resolve_sampler(defaults, *, guidance_scale=None, guidance_interval=None, eta=None, shift=None) -> dict:
+    """``defaults`` (e.g. :func:`vidsparse.models.load_sampling_defaults`) with every argument that is
+    not None in its place, checked by :func:`check_sampler_settings`.
+
+    Returns ``{"guidance_scale", "guidance_interval", "eta", "shift"}`` (floats, the interval a
+    tuple): keyword arguments of :func:`sample` besides the steps.
+    """
+    given = dict(guidance_scale=guidance_scale, guidance_interval=guidance_interval, eta=eta, shift=shift)
+    out = {k: defaults[k] if v is None else v for k, v in given.items()}
+    out["guidance_interval"] = check_sampler_settings(out["guidance_scale"], out["guidance_interval"], out["eta"])
+    out.update(guidance_scale=float(out["guidance_scale"]), eta=float(out["eta"]), shift=float(out["shift"]))
+    return out
 
 
 def describe_sampler(
