@@ -150,7 +150,7 @@ def _gpu_name(device) -> str:
 
 def run(args) -> dict:
     import vidsparse
-    from vidsparse.integrations.config import SparseConfig
+    from vidsparse import SparseConfig
 
     name = "smoke" if args.smoke else args.config
     cfg, latent_shape, text_len = CONFIGS[name]

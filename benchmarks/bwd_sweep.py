@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import vidsparse
     from vidsparse.kernels import triton_attention as ta
-    from vidsparse.kernels.triton_masker import fused_hybrid_block_mask
+    from vidsparse.maskers.hybrid_triton import fused_hybrid_block_mask
 
     t_start = time.time()
     dev, dtype = "cuda", torch.bfloat16

@@ -18,7 +18,7 @@ import torch
 import triton.testing
 
 import vidsparse
-from vidsparse.kernels.triton_masker import fused_hybrid_block_mask
+from vidsparse.maskers.hybrid_triton import fused_hybrid_block_mask
 from vidsparse.mask import BlockMask
 
 

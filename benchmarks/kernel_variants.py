@@ -49,7 +49,7 @@ def main() -> int:
 
     import vidsparse
     from vidsparse.kernels import triton_attention as ta
-    from vidsparse.kernels.triton_masker import fused_hybrid_block_mask
+    from vidsparse.maskers.hybrid_triton import fused_hybrid_block_mask
 
     torch.manual_seed(0)
     b, h, n, d = 1, args.heads, args.tokens, 128

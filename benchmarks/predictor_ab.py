@@ -1,6 +1,6 @@
 """Same-run A/B of the fused mask predictor against a baseline copy of its module, on one GPU.
 
-    git show REV:vidsparse/kernels/triton_masker.py > old_masker.py
+    git show REV:vidsparse/maskers/hybrid_triton.py > old_masker.py
     python benchmarks/predictor_ab.py --baseline old_masker.py [--out $OUT/predictor_ab.json]
 
 For the Wan2.1-1.3B 480p shape (and, with --big, the 14B 720p one), bf16, 128x64 blocks, it
@@ -53,7 +53,7 @@ def graph_ms(fn) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", required=True, help="a copy of an earlier vidsparse/kernels/triton_masker.py")
+    p.add_argument("--baseline", required=True, help="a copy of an earlier vidsparse/maskers/hybrid_triton.py")
     p.add_argument("--big", action="store_true", help="also the Wan2.1-14B 720p shape (H=40, N=75600)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "predictor_ab.json"))
     args = p.parse_args()

@@ -18,7 +18,7 @@ import triton
 import triton.testing
 
 from vidsparse.kernels import triton_attention as new_attn
-from vidsparse.kernels.triton_masker import _row_params, _select_kernel, fused_hybrid_block_mask, pool_blocks
+from vidsparse.maskers.hybrid_triton import _row_params, _select_kernel, fused_hybrid_block_mask, pool_blocks
 
 
 def bench(fn, rep=200):

@@ -23,7 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 
 import vidsparse  # noqa: E402
 from vidsparse import SparseConfig  # noqa: E402
-from vidsparse.integrations import tiling  # noqa: E402
+from vidsparse.maskers import token_order as tiling  # noqa: E402
+from vidsparse.plan import invert_perm  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -236,35 +237,35 @@ def test_text_tokens_always_kept(cases, arch, order):
     case = cases[0][arch]
     seen = []
 
-    def callback(info, mask):
-        seen.append((info, mask))
+    def callback(info, plan):
+        seen.append((info, plan))
 
     with patched(case.model, topk=0.1, topp=None, token_order=order, **SMALL):
         vidsparse.integrations.set_mask_callback(case.model, callback)
         case.run()
     assert len(seen) >= case.layers
-    for info, mask in seen:
+    for info, plan in seen:
         n_video = info["n_video"]
-        tok = mask.token_mask()  # (B, H, Lq, Lk) in attention order [video; text]
+        tok = plan.mask.token_mask()  # (B, H, Lq, Lk) in attention order [video; text]
         assert tok[:, :, n_video:, :].all(), "text queries must attend to every key"
         assert tok[:, :, :, n_video:].all(), "every query must attend to all (valid) text keys"
         assert not tok[:, :, :n_video, :n_video].all(), "the video part must be sparse"
-        assert info["video_mask"].sparsity() > 0.5
-        if info["perm"] is not None:  # the text is last in attention order
-            perm = info["perm"].tolist()
+        assert info["video_plan"].sparsity() > 0.5
+        if plan.perm is not None:  # the text is last in attention order
+            perm = plan.perm[0, 0].tolist()
             text_pos = range(0, case.n_text) if arch == "cogvideox" else range(n_video, n_video + case.n_text)
             assert perm[n_video:] == list(text_pos)
 
 
 def test_per_layer_and_per_head_fractions(cases):
     case = cases[0]["wan"]
-    with patched(case.model, topk=[1.0, 0.2], topp=None, collect_stats=True, **SMALL):
+    with patched(case.model, topp=None, layer_options={0: {"topk": 1.0}, 1: {"topk": 0.2}}, collect_stats=True, **SMALL):
         case.run()
         by_layer = {r["layer"]: r for r in vidsparse.stats(case.model).records}
     assert by_layer[0]["sparsity"] == 0.0
     assert by_layer[1]["sparsity"] == pytest.approx(0.8)
 
-    with patched(case.model, topk={"default": 0.2, 1: torch.tensor([1.0, 0.5])}, topp=None,
+    with patched(case.model, topk=0.2, layer_options={1: {"topk": torch.tensor([1.0, 0.5])}}, topp=None,
                  collect_stats=True, **SMALL):
         case.run()
         by_layer = {r["layer"]: r for r in vidsparse.stats(case.model).records}
@@ -357,12 +358,10 @@ def test_patch_errors(cases):
         vidsparse.unpatch(case.model)
     with pytest.raises(ValueError, match="SparseConfig.dense_layers"):
         vidsparse.patch(case.model, SparseConfig(dense_layers=[5]))
-    with pytest.raises(ValueError, match="SparseConfig.topk has 3 per-layer entries"):
-        vidsparse.patch(case.model, SparseConfig(topk=[0.1, 0.1, 0.1]))
-    with pytest.raises(ValueError, match=r"SparseConfig.topp for layer 0: a per-head tensor must have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"SparseConfig.layer_options \[2\] out of range"):
+        vidsparse.patch(case.model, SparseConfig(layer_options={2: {"topk": 0.1}}))
+    with pytest.raises(ValueError, match=r"SparseConfig \(layer 0\): topp as a tensor must have shape \(H,\) = \(2,\)"):
         vidsparse.patch(case.model, SparseConfig(topp=torch.tensor([0.1, 0.2, 0.3])))
-    with pytest.raises(ValueError, match="no entry for layer 1"):
-        vidsparse.patch(case.model, SparseConfig(topk={0: 0.1}))
     assert not vidsparse.integrations.is_patched(case.model)  # failed patches changed nothing
     with patched(case.model, **DENSE):
         with pytest.raises(RuntimeError, match="already patched"):
@@ -383,25 +382,27 @@ def test_patch_errors(cases):
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(topk=1.5), "SparseConfig.topk"),
-        (dict(topk=0.0), "SparseConfig.topk"),
-        (dict(topp=-0.1), "SparseConfig.topp"),
-        (dict(topk="0.1"), "SparseConfig.topk"),
-        (dict(topk=[0.1, 2.0]), r"SparseConfig.topk\[1\]"),
-        (dict(topp={0: 0.2, "x": 0.1}), "SparseConfig.topp"),
-        (dict(topk=torch.tensor([[0.1, 1.2]])), "SparseConfig.topk"),
-        (dict(topk=None, topp=None), "SparseConfig.topk"),
+        (dict(topk=1.5), "SparseConfig.options: topk"),
+        (dict(topk=0.0), "SparseConfig.options: topk"),
+        (dict(topp=-0.1), "SparseConfig.options: topp"),
+        (dict(topk="0.1"), "SparseConfig.options: topk"),
+        (dict(layer_options={1: {"topk": 2.0}}), r"SparseConfig.layer_options\[1\]: topk"),
+        (dict(layer_options={"x": {"topk": 0.1}}), "SparseConfig.layer_options keys"),
+        (dict(topk=torch.tensor([[0.1, 1.2]])), "SparseConfig.options: topk"),
+        (dict(topk=None, topp=None), "SparseConfig.options: .*topk and topp"),
+        (dict(method="nope"), "SparseConfig.method: unknown masker 'nope'"),
+        (dict(bogus=1), "SparseConfig.options: masker 'hybrid': unknown option 'bogus'"),
         (dict(block_q=100), "SparseConfig.block_q"),
         (dict(block_k=8), "SparseConfig.block_k"),
-        (dict(keep_sink=1), "SparseConfig.keep_sink"),
-        (dict(keep_diagonal="yes"), "SparseConfig.keep_diagonal"),
+        (dict(keep_sink=1), "SparseConfig.options: .*'keep_sink'"),
+        (dict(keep_diagonal="yes"), "SparseConfig.options: .*'keep_diagonal'"),
         (dict(dense_steps=-1), "SparseConfig.dense_steps"),
         (dict(dense_steps=1.5), "SparseConfig.dense_steps"),
         (dict(dense_layers=[-1]), "SparseConfig.dense_layers"),
         (dict(dense_layers=3), "SparseConfig.dense_layers"),
-        (dict(token_order="zigzag"), "SparseConfig.token_order"),
-        (dict(tile_shape=(2, 8, 8)), "SparseConfig.tile_shape"),
-        (dict(token_order="tiled", tile_shape=(2, 0, 8)), "SparseConfig.tile_shape"),
+        (dict(token_order="zigzag"), "SparseConfig.options: .*'token_order'"),
+        (dict(tile=(2, 8, 8)), "SparseConfig.options: .*'tile' only applies"),
+        (dict(token_order="tiled", tile=(2, 0, 8)), "SparseConfig.options: .*'tile'"),
         (dict(backend="cuda"), "SparseConfig.backend"),
         (dict(collect_stats=None), "SparseConfig.collect_stats"),
     ],
@@ -411,20 +412,29 @@ def test_bad_config_values_name_the_field(kwargs, field):
         SparseConfig(**kwargs)
 
 
-def test_config_normalisation_and_dict():
-    cfg = SparseConfig(topk=[0.1, torch.tensor([0.2, 0.3])], topp=None, dense_layers={3, 1},
-                       token_order="tiled", tile_shape=[1, 4, 4])
-    assert cfg.dense_layers == (1, 3) and cfg.tile_shape == (1, 4, 4)
-    assert cfg.layer_fractions(1, 2, 2)[0].tolist() == pytest.approx([0.2, 0.3])
-    assert json.loads(json.dumps(cfg.to_dict()))["topk"] == [0.1, pytest.approx([0.2, 0.3])]
+def test_config_normalisation_round_trip_and_files(tmp_path):
+    cfg = SparseConfig(topk=0.1, topp=None, dense_layers={3, 1}, token_order="tiled", tile=[1, 4, 4],
+                       layer_options={1: {"topk": torch.tensor([0.2, 0.3])}})
+    assert cfg.dense_layers == (1, 3) and cfg.options["tile"] == (1, 4, 4)
+    assert cfg.resolved_options(1, 2)["topk"].tolist() == pytest.approx([0.2, 0.3])
+    assert cfg.resolved_options(0, 2)["topk"] == 0.1
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["options"]["topk"] == 0.1 and data["options"]["topp"] is None
+    assert SparseConfig.from_dict(data) == cfg
+    assert SparseConfig.load(cfg.save(tmp_path)) == cfg and SparseConfig.load(tmp_path) == cfg
     with pytest.raises(AttributeError):
-        cfg.topk = 0.5  # frozen: validated once
-    assert cfg.replace(topk=0.5).topk == 0.5
+        cfg.method = "x"  # frozen: validated once
+    assert cfg.replace(topk=0.5).options["topk"] == 0.5
+    assert cfg.replace(backend="gather").backend == "gather"
+    with pytest.raises(ValueError, match="unknown keys"):
+        SparseConfig.from_dict({**data, "extra": 1})
+    with pytest.raises(FileNotFoundError, match="sparse_config.json"):
+        SparseConfig.load(tmp_path / "missing")
 
 
 def test_import_vidsparse_does_not_import_diffusers():
     code = (
-        "import sys, vidsparse; from vidsparse.integrations import SparseConfig; SparseConfig(topk=0.1); "
+        "import sys, vidsparse; from vidsparse import SparseConfig; SparseConfig(topk=0.1); "
         "assert 'diffusers' not in sys.modules, 'diffusers imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -437,7 +447,7 @@ def test_tiled_order_is_a_permutation_with_exact_inverse(grid, tile):
     perm = tiling.tiled_order(grid, tile)
     n = math.prod(grid)
     assert torch.equal(perm.sort().values, torch.arange(n))
-    inv = tiling.invert(perm)
+    inv = invert_perm(perm)
     x = torch.randn(2, n, 3)
     assert torch.equal(x.index_select(1, perm).index_select(1, inv), x)
     # the full tiles come first, each one contiguous and compact
@@ -456,23 +466,15 @@ def test_default_tile_shape():
     assert math.prod(tiling.choose_tile_shape((5, 8, 8), 16)) == 16
 
 
-def test_sequence_order_puts_text_last():
-    perm = tiling.sequence_order(6, 3, text_first=True)
-    assert perm.tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2]
-    assert tiling.sequence_order(6, 3, text_first=False) is None
-    perm = tiling.sequence_order(8, 2, text_first=False, grid=(2, 2, 2), tile=(2, 1, 2))
-    assert perm[-2:].tolist() == [8, 9] and sorted(perm.tolist()) == list(range(10))
-
-
 def test_explicit_tile_shape_is_used_and_exact(cases):
     case, ref = cases[0]["wan"], cases[1]["wan"]
     perms = []
-    with patched(case.model, token_order="tiled", tile_shape=(1, 4, 4), **DENSE):
-        vidsparse.integrations.set_mask_callback(case.model, lambda info, mask: perms.append(info["perm"]))
+    with patched(case.model, token_order="tiled", tile=(1, 4, 4), **DENSE):
+        vidsparse.integrations.set_mask_callback(case.model, lambda info, plan: perms.append(plan.perm))
         out = case.run()
     assert (out - ref).abs().max().item() <= TOL
     assert len(perms) == case.layers
-    assert all(torch.equal(p, tiling.tiled_order((5, 8, 8), (1, 4, 4))) for p in perms)
+    assert all(torch.equal(p[0, 0], tiling.tiled_order((5, 8, 8), (1, 4, 4))) for p in perms)
 
 
 def test_calling_forward_directly_is_reported(cases):
@@ -550,7 +552,7 @@ def test_wan22_two_experts_share_the_step_counter(tmp_path):
     assert all(m == "transformer" for s, m in models if s < first_t2)
     saved = json.loads((tmp_path / "stats.json").read_text())
     assert len(saved["records"]) == len(records) and saved["summary"]["sparse_calls"] == len(records)
-    assert saved["config"]["topk"] == 0.5
+    assert saved["config"]["options"]["topk"] == 0.5
 
 
 def test_reset_steps_and_stats_clear(cases):

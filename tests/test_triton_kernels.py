@@ -12,7 +12,7 @@ from vidsparse import BlockMask
 from vidsparse.dispatch import NoBackendError
 
 triton_attention = pytest.importorskip("vidsparse.kernels.triton_attention")
-from vidsparse.kernels.triton_masker import fused_hybrid_block_mask  # noqa: E402
+from vidsparse.maskers.hybrid_triton import fused_hybrid_block_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -278,7 +278,7 @@ def test_fused_masker_top_p_exact_boundary(topk, topp, n_keep):
     (300, 457, 128, 256, 16, torch.float16),
 ])
 def test_fused_pool_single_launch_matches_torch_mean(case):
-    from vidsparse.kernels.triton_masker import _pool, pool_blocks
+    from vidsparse.maskers.hybrid_triton import _pool, pool_blocks
 
     lq, lk, d, bq, bk, dtype = case
     q = torch.randn(2, 3, lq, d, device=DEVICE).to(dtype)  # BHND, contiguous

@@ -1,31 +1,40 @@
 """vidsparse: trainable block-sparse attention for video diffusion transformers.
 
-Data flows masker -> BlockMask -> kernel -> output:
+Data flows masker -> MaskPlan -> attention backend -> output:
 
     >>> import vidsparse
-    >>> mask = vidsparse.hybrid_block_mask(q, k, topk=0.03, topp=0.2)   # (B, H, Lq/128, Lk/64)
-    >>> o = vidsparse.block_sparse_attention(q, k, v, mask)              # same as q
-    >>> o = vidsparse.sparse_attention(q, k, v, topk=0.03, topp=0.2)     # both in one call
+    >>> plan = vidsparse.maskers.get("hybrid")(q, k, topk=0.03, topp=0.2)   # MaskPlan (BlockMask + order)
+    >>> o = vidsparse.block_sparse_attention(q, k, v, plan)                  # same shape and order as q
+    >>> o = vidsparse.sparse_attention(q, k, v, method="hybrid", topk=0.03)  # both in one call
+    >>> vidsparse.patch(pipe, vidsparse.SparseConfig(method="hybrid", topk=0.03, topp=0.2))
 
 Integrations (diffusers) are imported lazily, so ``import vidsparse`` only needs torch.
 """
 
+from . import maskers
 from .api import block_sparse_attention, sparse_attention
+from .config import SparseConfig
 from .dispatch import NoBackendError
 from .mask import BlockMask
 from .maskers import hybrid_block_mask
+from .plan import MaskPlan
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "patch": "vidsparse.integrations.diffusers",
     "unpatch": "vidsparse.integrations.diffusers",
     "stats": "vidsparse.integrations.diffusers",
-    "SparseConfig": "vidsparse.integrations.config",
+    "is_patched": "vidsparse.integrations.diffusers",
+    "reset_steps": "vidsparse.integrations.diffusers",
+    "set_mask_callback": "vidsparse.integrations.diffusers",
 }
 
 __all__ = [
     "BlockMask",
+    "MaskPlan",
+    "SparseConfig",
+    "maskers",
     "hybrid_block_mask",
     "block_sparse_attention",
     "sparse_attention",

@@ -1,4 +1,4 @@
-"""Public attention functions: run a given BlockMask, or predict one and run it."""
+"""Public attention functions: run a given mask or plan, or predict one with a masker and run it."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import math
 
 import torch
 
+from . import maskers
 from ._validation import check_mask, to_bhnd
 from .dispatch import select_backend
 from .mask import BlockMask
-from .maskers.hybrid import hybrid_block_mask
+from .plan import MaskPlan, as_plan
 
-__all__ = ["block_sparse_attention", "sparse_attention", "predict_mask"]
+__all__ = ["block_sparse_attention", "sparse_attention"]
 
 
 def _check_scale(scale, head_dim: int) -> float:
@@ -26,7 +27,7 @@ def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: BlockMask,
+    mask: BlockMask | MaskPlan,
     *,
     scale: float | None = None,
     layout: str = "bhnd",
@@ -39,7 +40,9 @@ def block_sparse_attention(
         q: (B, H, Lq, D) with ``layout="bhnd"`` or (B, Lq, H, D) with ``layout="bnhd"``;
             float16, bfloat16, float32 or float64.
         k, v: (B, H, Lk, D) (or (B, Lk, H, D)), same dtype and device as q.
-        mask: a :class:`BlockMask` built for (Lq, Lk); its batch and head dims may be 1.
+        mask: a :class:`BlockMask` built for (Lq, Lk) (its batch and head dims may be 1), or a
+            :class:`MaskPlan` from a masker: q, k, v are gathered into its attention order, and
+            o and lse come back in the caller's order.
         scale: score scale, default 1/sqrt(D).
         layout: "bhnd" or "bnhd" (diffusers' processor layout); o comes back in the same layout.
         return_lse: also return the log-sum-exp of the kept scores, (B, H, Lq) float32 in both
@@ -58,11 +61,14 @@ def block_sparse_attention(
         >>> o = vidsparse.block_sparse_attention(q, k, v, mask)
     """
     qb, kb, vb = to_bhnd(q, k, v, layout)
-    check_mask(mask, qb, kb)
+    plan = as_plan(mask)
+    check_mask(plan.mask, qb, kb)
     scale = _check_scale(scale, qb.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    impl = select_backend(backend, qb, kb, vb, mask, needs_grad=needs_grad)
-    o, lse = impl.attention(qb, kb, vb, mask, scale)
+    qb, kb, vb = plan.to_attention_order(qb, kb, vb)
+    impl = select_backend(backend, qb, kb, vb, plan.mask, needs_grad=needs_grad)
+    o, lse = impl.attention(qb, kb, vb, plan.mask, scale)
+    o, lse = plan.to_caller_order(o), plan.to_caller_order(lse)
     if layout == "bnhd":
         o = o.transpose(1, 2)
     return (o, lse) if return_lse else o
@@ -73,43 +79,31 @@ def sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    topk: float | torch.Tensor | None = 0.03,
-    topp: float | torch.Tensor | None = 0.2,
+    method: str = "hybrid",
+    grid: tuple[int, int, int] | None = None,
     block_q: int = 128,
     block_k: int = 64,
-    keep_diagonal: bool = False,
-    keep_sink: bool = False,
     scale: float | None = None,
     layout: str = "bhnd",
     return_lse: bool = False,
-    return_mask: bool = False,
+    return_plan: bool = False,
     backend: str = "auto",
+    **options,
 ):
-    """Predict the hybrid Top-k + Top-p mask from q and k, then attend: SpargeAttention2 in one call.
+    """Predict a plan with a registered masker, then attend: SpargeAttention2 in one call by default.
 
-    Arguments are those of :func:`vidsparse.hybrid_block_mask` and
-    :func:`block_sparse_attention`. The mask is recomputed on every call, without gradient.
-
+    Args:
+        q, k, v, scale, layout, backend: as in :func:`block_sparse_attention`.
+        method: masker name (``vidsparse.maskers.available()``); default "hybrid".
+        grid: the latent (T, H, W) when known (needed by grid-based methods, tiled order, windows).
+        block_q, block_k: the mask's block shape.
+        **options: the masker's options, e.g. ``topk=0.03, topp=0.2`` for "hybrid".
     Returns:
-        o, then lse if ``return_lse``, then the BlockMask if ``return_mask`` (a tuple when either
-        flag is set).
+        o, then lse if ``return_lse``, then the MaskPlan if ``return_plan`` (a tuple when either
+        flag is set). The plan is recomputed on every call, without gradient.
     """
-    mask = predict_mask(
-        q, k, topk=topk, topp=topp, block_q=block_q, block_k=block_k,
-        keep_diagonal=keep_diagonal, keep_sink=keep_sink, scale=scale, layout=layout,
-    )
-    o, lse = block_sparse_attention(q, k, v, mask, scale=scale, layout=layout, return_lse=True, backend=backend)
-    extra = ((lse,) if return_lse else ()) + ((mask,) if return_mask else ())
+    qb, kb, _ = to_bhnd(q, k, v, layout)
+    plan = maskers.get(method)(qb, kb, grid=grid, block_q=block_q, block_k=block_k, **options)
+    o, lse = block_sparse_attention(q, k, v, plan, scale=scale, layout=layout, return_lse=True, backend=backend)
+    extra = ((lse,) if return_lse else ()) + ((plan,) if return_plan else ())
     return (o, *extra) if extra else o
-
-
-def predict_mask(q, k, **kwargs) -> BlockMask:
-    """Hybrid mask with the fastest predictor for the device (fused Triton on CUDA when present)."""
-    if q.is_cuda:
-        try:
-            from .kernels.triton_masker import fused_hybrid_block_mask
-        except ImportError:
-            pass
-        else:
-            return fused_hybrid_block_mask(q, k, **kwargs)
-    return hybrid_block_mask(q, k, **kwargs)

@@ -51,7 +51,7 @@ def bench_attention(
     import triton.testing
 
     import vidsparse
-    from vidsparse.kernels.triton_masker import fused_hybrid_block_mask
+    from vidsparse.maskers.hybrid_triton import fused_hybrid_block_mask
 
     if not torch.cuda.is_available():
         raise SystemExit("vidsparse bench attention needs a CUDA GPU")

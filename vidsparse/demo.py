@@ -543,7 +543,7 @@ def _sparse_config(args, parser, distilled_dir: Path | None):
     ``sparse_config.json`` (topk, topp, block_q, block_k, token_order, keep_diagonal, keep_sink;
     what the student was distilled with),
     else DEMO_TOPK / DEMO_TOPP and 128 x 64 blocks."""
-    from vidsparse.integrations import SparseConfig
+    from vidsparse import SparseConfig
 
     fields = {"topk": DEMO_TOPK, "topp": DEMO_TOPP}
     source = "--topk/--topp/--block-q/--block-k"

@@ -41,7 +41,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import ShapesConfig
-    from .integrations.config import SparseConfig
+    from .config import SparseConfig
 
 __all__ = ["validation_loss", "sample_videos", "sample_shape_accuracy", "evaluate_variant", "main", "DEFAULT_TOPK", "DEFAULT_TOPP"]
 
@@ -119,7 +119,7 @@ def _check_split(split: str) -> None:
 
 
 def _check_sparse(sparse) -> None:
-    from .integrations.config import SparseConfig
+    from .config import SparseConfig
 
     if sparse is not None and not isinstance(sparse, SparseConfig):
         raise TypeError(f"sparse must be a vidsparse.SparseConfig or None (dense), got {type(sparse).__name__}")
@@ -506,7 +506,7 @@ class _Setting:
     def config(self, backend: str, token_order: str = "raster"):
         if self.method == "dense":
             return None
-        from .integrations.config import SparseConfig
+        from .config import SparseConfig
 
         return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
                             token_order=token_order, backend=backend, keep_diagonal=self.keep_diagonal,

@@ -1,15 +1,12 @@
 """Integrations with model libraries.
 
-* :mod:`vidsparse.integrations.config`: :class:`SparseConfig` (torch only).
 * :mod:`vidsparse.integrations.diffusers`: :func:`patch`, :func:`unpatch`, :func:`stats` for
   diffusers' Wan, CogVideoX and HunyuanVideo transformers (imports diffusers on first use).
-* :mod:`vidsparse.integrations.tiling`: raster / tiled token orders (torch only).
 * :mod:`vidsparse.integrations.sparse_stats`: :class:`SparseStats`, the per-layer, per-step records.
 
-diffusers is imported lazily, so ``import vidsparse.integrations`` stays cheap.
+The settings they take are :class:`vidsparse.SparseConfig`. diffusers is imported lazily, so
+``import vidsparse.integrations`` stays cheap.
 """
-
-from .config import SparseConfig
 
 _LAZY = {
     "patch": "vidsparse.integrations.diffusers",
@@ -21,7 +18,7 @@ _LAZY = {
     "SparseStats": "vidsparse.integrations.sparse_stats",
 }
 
-__all__ = ["SparseConfig", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

@@ -4,15 +4,18 @@ No diffusers import here. A processor (``_wan.py``, ``_cogvideox.py``, ``_hunyua
 computes q, k, v exactly as the stock processor does, hands them to :meth:`SparseLayer.attend`
 in the model's token order and (B, S, H, D) layout, and finishes exactly as stock.
 
+Data flow
+    The layer's masker (``SparseConfig.method``) predicts a :class:`~vidsparse.MaskPlan` from the
+    video tokens; :func:`vidsparse.plan.append_dense_tokens` extends it over the text tokens;
+    :func:`vidsparse.block_sparse_attention` runs it and returns the output in the model's order.
+
 Text tokens (CogVideoX, HunyuanVideo)
-    The attention runs on ``[video; text]`` (CogVideoX's ``[text; video]`` is reordered; see
-    :mod:`vidsparse.integrations.tiling`). The hybrid mask is predicted from the video part only
-    (q[:n_video], k[:n_video]), then placed in a mask over the whole sequence in which every
-    query block and key block that contains a text token is kept whole. Hence text queries attend
-    to everything, every query attends to all text keys, and only video->video blocks are
-    sparsified. Because text comes last, no padding is needed when n_video is not a multiple of
-    the block sizes: the one block that holds both the last video tokens and the first text
-    tokens is simply kept (its video tokens attend densely / are seen by every query).
+    The attention order is ``[video (in the plan's order); text]`` whatever the model's order
+    (CogVideoX puts text first). Every query block and key block that contains a text token is
+    kept whole: text queries attend to everything, every query attends to all text keys, and
+    only video->video blocks are sparsified. Because text comes last, no padding is needed when
+    n_video is not a multiple of the block sizes: the one block that holds both the last video
+    tokens and the first text tokens is simply kept.
 
 Key padding (HunyuanVideo)
     HunyuanVideo masks padded text keys with a boolean ``[B, 1, 1, N]`` mask that is True on a
@@ -23,15 +26,12 @@ Key padding (HunyuanVideo)
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..api import block_sparse_attention, predict_mask
-from ..mask import BlockMask
-from .config import SparseConfig
+from ..api import block_sparse_attention
+from ..config import SparseConfig
+from ..plan import append_dense_tokens
 from .sparse_stats import SparseStats, Timer
-from .tiling import choose_tile_shape, invert, sequence_order
 
 __all__ = ["RunState", "SparseLayer"]
 
@@ -56,7 +56,7 @@ class RunState:
     Set by the transformer's forward pre-hook before every forward:
 
     * ``grid``: the latent token grid (T, H, W) of this forward, from ``hidden_states``' shape and
-      the model's patch size (needed by ``token_order="tiled"``);
+      the model's patch size (handed to the masker);
     * step tracking (only when ``dense_steps > 0`` or ``collect_stats``, because reading the
       timestep synchronises with the GPU once per forward): the timestep is compared with the
       previous forward's. Equal: the same denoising step (the second CFG call, or Wan 2.2's
@@ -75,7 +75,6 @@ class RunState:
         self.reset_steps()
         self.grid: tuple[int, int, int] | None = None
         self.forwards = 0
-        self._orders: dict = {}
         self._key_lens = (None, None)
 
     def reset_steps(self) -> None:
@@ -103,30 +102,6 @@ class RunState:
             self.step += 1
             self.call = 0
         self.timestep = t
-
-    # ------------------------------------------------------------------------- token orders
-    def order(self, n_video: int, n_text: int, text_first: bool, device) -> tuple | None:
-        """(perm, inverse) on ``device`` for the attention order, or None for the identity."""
-        tiled = self.config.token_order == "tiled"
-        grid = tile = None
-        if tiled:
-            grid = self.grid
-            if grid is None:
-                raise RuntimeError(
-                    "vidsparse: token_order='tiled' needs the latent grid, which the transformer's forward "
-                    "pre-hook records; call the transformer module itself (model(...)), not model.forward(...)"
-                )
-            if math.prod(grid) != n_video:
-                raise RuntimeError(
-                    f"vidsparse: the latent grid {grid} recorded for this forward has {math.prod(grid)} tokens "
-                    f"but the attention got {n_video} video tokens"
-                )
-            tile = self.config.tile_shape or choose_tile_shape(grid, self.config.block_q)
-        key = (n_video, n_text, text_first, grid, tile, str(device))
-        if key not in self._orders:
-            perm = sequence_order(n_video, n_text, text_first=text_first, grid=grid, tile=tile)
-            self._orders[key] = None if perm is None else (perm.to(device), invert(perm).to(device))
-        return self._orders[key]
 
     # ------------------------------------------------------------------------ key padding
     def key_lengths(self, attention_mask, batch: int, seq_len: int, n_video: int) -> list[int] | None:
@@ -156,28 +131,30 @@ class RunState:
 
 
 class SparseLayer:
-    """One patched self-attention layer: its Top-k/Top-p values and the sparse call.
+    """One patched self-attention layer: its masker, options and state, and the sparse call.
 
     Args:
         state: the shared :class:`RunState`.
         model_name: "transformer" or "transformer_2" (for records).
         layer: layer index.
-        topk, topp: this layer's values (float, None or an (H,) tensor), already validated.
+        options: this layer's masker options, resolved and validated (``SparseConfig.resolved_options``).
     """
 
-    def __init__(self, state: RunState, model_name: str, layer: int, topk, topp):
+    def __init__(self, state: RunState, model_name: str, layer: int, options: dict):
         self.state = state
         self.model_name = model_name
         self.layer = layer
-        self._fractions = {"cpu": (topk, topp)}
+        self.masker = state.config.masker
+        self.masker_state = self.masker.new_state()  # per layer, owned here (e.g. cached centroids)
+        self._options = {"cpu": options}
 
-    def _fractions_on(self, device):
+    def options_on(self, device) -> dict:
+        """The options with per-head tensors moved to ``device`` (once per device)."""
         key = str(device)
-        if key not in self._fractions:
-            topk, topp = self._fractions["cpu"]
+        if key not in self._options:
             mv = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
-            self._fractions[key] = (mv(topk), mv(topp))
-        return self._fractions[key]
+            self._options[key] = {k: mv(v) for k, v in self._options["cpu"].items()}
+        return self._options[key]
 
     def dense_now(self) -> bool:
         """True during dense warm-up steps; records the dense call when collecting stats."""
@@ -203,15 +180,23 @@ class SparseLayer:
             "generation": st.generation, "timestep": st.timestep, "dense": dense,
         }
 
-    def _compose(self, video_mask: BlockMask, n_video: int, q_len: int, k_len: int) -> BlockMask:
-        """Mask over [video; text] from the video mask: blocks touching text are kept whole."""
-        bq, bk = video_mask.block_q, video_mask.block_k
-        b, h = video_mask.shape[:2]
-        nq, nk = -(-q_len // bq), -(-k_len // bk)
-        rq, rk = n_video // bq, n_video // bk  # query / key blocks made of video tokens only
-        dense = torch.ones(b, h, nq, nk, dtype=torch.bool, device=video_mask.device)
-        dense[:, :, :rq, :rk] = video_mask.dense[:, :, :rq, :rk]
-        return BlockMask.from_dense(dense, block_q=bq, block_k=bk, q_len=q_len, k_len=k_len)
+    def plan(self, q_video: torch.Tensor, k_video: torch.Tensor):
+        """The masker's plan for the video tokens, (B, N, H, D) in the model's order."""
+        cfg, grid = self.state.config, self.state.grid
+        options = self.options_on(q_video.device)
+        if grid is None and self.masker.grid_needed(options):
+            raise RuntimeError(
+                f"vidsparse: the {cfg.method!r} masker with these options needs the latent grid, which the "
+                "transformer's forward pre-hook records; call the transformer module itself (model(...)), "
+                "not model.forward(...)"
+            )
+        if grid is not None and grid[0] * grid[1] * grid[2] != q_video.shape[1]:
+            raise RuntimeError(f"vidsparse: the latent grid {grid} recorded for this forward has "
+                               f"{grid[0] * grid[1] * grid[2]} tokens but the attention got {q_video.shape[1]} video tokens")
+        return self.masker(
+            q_video.transpose(1, 2), k_video.transpose(1, 2), grid=grid, state=self.masker_state,
+            block_q=cfg.block_q, block_k=cfg.block_k, **options,
+        )
 
     def attend(
         self,
@@ -230,48 +215,39 @@ class SparseLayer:
                 model's order (text first if ``text_first``, else text last).
             n_text: text tokens in the sequence (kept dense as queries and keys).
             text_first: the model's order is [text; video].
-            key_len: attend only the first ``key_len`` keys of the attention order
-                [video; text] (drops padded text keys); default all S.
+            key_len: attend only the first ``key_len`` keys (drops padded text keys, which come
+                last in the model's order); default all S.
         Returns:
             o: (B, S, H, D) in q's dtype, in the model's token order.
         """
         st, cfg = self.state, self.state.config
         b, s, h, _ = q.shape
         n_video = s - n_text
-        order = st.order(n_video, n_text, text_first, q.device)
-        if order is not None:
-            perm = order[0]
-            q, k, v = q.index_select(1, perm), k.index_select(1, perm), v.index_select(1, perm)
+        video = slice(n_text, s) if text_first else slice(0, n_video)
         if key_len is not None and key_len < s:
             k, v = k[:, :key_len], v[:, :key_len]
         k_len = k.shape[1]
-        topk, topp = self._fractions_on(q.device)
 
         timer = Timer(q.device) if cfg.collect_stats else None
         m0 = timer.mark() if timer else None
-        video_mask = predict_mask(
-            q[:, :n_video], k[:, :n_video], topk=topk, topp=topp, block_q=cfg.block_q, block_k=cfg.block_k,
-            keep_diagonal=cfg.keep_diagonal, keep_sink=cfg.keep_sink, layout="bnhd",
-        )
-        mask = video_mask if (n_video == s and k_len == s) else self._compose(video_mask, n_video, s, k_len)
+        video_plan = self.plan(q[:, video], k[:, video])
+        plan = append_dense_tokens(video_plan, n_text, extra_first=text_first, k_len=k_len)
         m1 = timer.mark() if timer else None
-        o = block_sparse_attention(q, k, v, mask, layout="bnhd", backend=cfg.backend)
+        o = block_sparse_attention(q, k, v, plan, layout="bnhd", backend=cfg.backend)
         if timer:
             m2 = timer.mark()
             rec = self._base_record(dense=False) | {
                 "batch": b, "heads": h, "q_len": s, "k_len": k_len, "n_video": n_video, "n_text": n_text,
                 "block_q": cfg.block_q, "block_k": cfg.block_k,
-                "sparsity": 1.0 - mask.dense.float().mean(),
-                "video_sparsity": 1.0 - video_mask.dense.float().mean(),
-                "head_sparsity": 1.0 - mask.dense.float().mean(dim=(0, 2, 3)),
+                "sparsity": 1.0 - plan.mask.dense.float().mean(),
+                "video_sparsity": 1.0 - video_plan.mask.dense.float().mean(),
+                "head_sparsity": 1.0 - plan.mask.dense.float().mean(dim=(0, 2, 3)),
             }
             st.stats._append(rec, marks=(m0, m1, m2))
         if st.mask_callback is not None:
             info = self._base_record(dense=False) | {
                 "n_video": n_video, "n_text": n_text, "text_first": text_first, "q_len": s, "k_len": k_len,
-                "perm": None if order is None else order[0], "video_mask": video_mask,
+                "video_plan": video_plan,
             }
-            st.mask_callback(info, mask)
-        if order is not None:
-            o = o.index_select(1, order[1])
+            st.mask_callback(info, plan)
         return o

@@ -50,12 +50,12 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, Fuse
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from ..mask import BlockMask
+from ..config import SparseConfig
+from ..plan import MaskPlan
 from ._cogvideox import CogVideoXSparseAttnProcessor, FusedCogVideoXSparseAttnProcessor
 from ._core import RunState, SparseLayer
 from ._hunyuan_video import HunyuanVideoSparseAttnProcessor
 from ._wan import WanSparseAttnProcessor
-from .config import SparseConfig
 from .sparse_stats import SparseStats
 
 __all__ = [
@@ -228,8 +228,9 @@ def patch(target, config: SparseConfig | None = None, **overrides) -> Any:
             ``HunyuanVideoTransformer3DModel``, or a pipeline holding one as ``.transformer``
             (and, for Wan 2.2, ``.transformer_2``: both are patched and share one step counter
             and one statistics log).
-        config: a :class:`SparseConfig` (default ``SparseConfig()``: the paper's k=0.03, p=0.2).
-        **overrides: field values that replace the config's, e.g. ``patch(pipe, topk=0.05)``.
+        config: a :class:`vidsparse.SparseConfig` (default ``SparseConfig()``: the hybrid masker
+            with the paper's k=0.03, p=0.2).
+        **overrides: fields or masker options that replace the config's, e.g. ``patch(pipe, topk=0.05)``.
     Returns:
         ``target`` (patched in place).
     Raises:
@@ -269,8 +270,8 @@ def patch(target, config: SparseConfig | None = None, **overrides) -> Any:
                     f"vidsparse: {name} layer {layer_idx} has processor {type(original).__name__}; expected "
                     f"one of {', '.join(c.__name__ for c in arch.processors)} (unpatch other integrations first)"
                 )
-            topk, topp = config.layer_fractions(layer_idx, len(modules), arch.num_heads(attn))
-            layer = SparseLayer(state, name, layer_idx, topk, topp)
+            options = config.resolved_options(layer_idx, arch.num_heads(attn))
+            layer = SparseLayer(state, name, layer_idx, options)
             plan.installed.append((attn, original, sparse_cls(layer, original)))
         plans.append((model, arch, plan))
 
@@ -358,13 +359,14 @@ def reset_steps(target) -> None:
         st.reset_steps()
 
 
-def set_mask_callback(target, fn: Callable[[dict, BlockMask], None] | None) -> None:
-    """Debug hook: call ``fn(info, mask)`` after every sparse mask is built (None removes it).
+def set_mask_callback(target, fn: Callable[[dict, MaskPlan], None] | None) -> None:
+    """Debug hook: call ``fn(info, plan)`` after every sparse plan is built (None removes it).
 
-    ``mask`` is the :class:`~vidsparse.BlockMask` that runs, over the attention order
-    ``[video; text]`` (text last even for CogVideoX). ``info`` holds model, layer, step, call,
-    generation, n_video, n_text, q_len, k_len, text_first, ``perm`` (attention position -> model
-    position, or None for the identity) and ``video_mask`` (the hybrid mask of the video part).
+    ``plan`` is the :class:`~vidsparse.MaskPlan` that runs over the whole sequence (its
+    ``plan.mask`` is in the attention order ``[video; text]``, text last even for CogVideoX;
+    ``plan.perm`` maps it to the model's order). ``info`` holds model, layer, step, call,
+    generation, n_video, n_text, q_len, k_len, text_first and ``video_plan`` (the masker's plan of
+    the video part alone).
     """
     if fn is not None and not callable(fn):
         raise TypeError(f"fn must be callable or None, got {type(fn).__name__}")

@@ -15,6 +15,10 @@ cannot make the union larger than either rule). Conventions the paper leaves ope
 * ties are broken by key-block index (the lower index first), deterministically;
 * a partial tail block is pooled over its real tokens only;
 * the masker runs without gradient on detached q and k; it is recomputed on every call.
+
+Registered as the ``"hybrid"`` masker (options ``topk``, ``topp``); on CUDA it runs the fused
+Triton predictor in :mod:`vidsparse.maskers.hybrid_triton`, elsewhere :func:`hybrid_block_mask`
+here, which is the oracle that path is tested against.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import torch
 
 from .._validation import check_fraction, to_bhnd
 from ..mask import BlockMask, check_block_size, num_blocks
+from ..plan import MaskPlan
+from .registry import Masker, register
 
-__all__ = ["hybrid_block_mask", "block_mean", "pooled_block_scores", "select_hybrid"]
+__all__ = ["hybrid_block_mask", "block_mean", "pooled_block_scores", "select_hybrid", "HybridMasker"]
 
 
 def block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -176,3 +182,28 @@ def hybrid_block_mask(
     if keep_sink:
         dense[..., 0] = True
     return BlockMask.from_dense(dense, block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len)
+
+
+@register("hybrid")
+class HybridMasker(Masker):
+    """SpargeAttention2's rule as a registered masker: ``topk`` / ``topp`` as in
+    :func:`hybrid_block_mask` (a float, an (H,) tensor, or None for the rule off)."""
+
+    defaults = {"topk": 0.03, "topp": 0.2}
+    native_priors = ("keep_sink", "keep_diagonal")
+
+    def validate(self, options, heads):
+        topk = check_fraction("topk", options["topk"], heads)
+        topp = check_fraction("topp", options["topp"], heads)
+        if topk is None and topp is None:
+            raise ValueError("masker 'hybrid': at least one of topk and topp must be given (1.0 = dense)")
+        return {"topk": topk, "topp": topp}
+
+    def build(self, q, k, *, block_q, block_k, grid, positions, state, topk, topp,
+              keep_sink=False, keep_diagonal=False):
+        predict = hybrid_block_mask
+        if q.is_cuda:
+            from .hybrid_triton import fused_hybrid_block_mask as predict
+        mask = predict(q, k, topk=topk, topp=topp, block_q=block_q, block_k=block_k,
+                       keep_diagonal=keep_diagonal, keep_sink=keep_sink)
+        return MaskPlan(mask, _checked=True)

@@ -84,7 +84,7 @@ from typing import Any, Sequence
 import torch
 
 from ..evaluate import _device_name, _jsonable, _versions
-from ..integrations.config import TOKEN_ORDERS
+from ..maskers.token_order import TOKEN_ORDERS
 from .distill import _optional_float
 
 __all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "main"]
@@ -225,7 +225,7 @@ class AblationConfig:
                 raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
         if self.shape_samples < 0:
             raise ValueError(f"shape_samples must be >= 0, got {self.shape_samples}")
-        from ..integrations.config import SparseConfig
+        from ..config import SparseConfig
 
         SparseConfig(topk=0.5, topp=None, **self.mask_settings())  # checks blocks, order and priors now, not mid-run
 
@@ -236,7 +236,7 @@ class AblationConfig:
 
     def sparse(self, mask: str, topp: dict[str, float]):
         """The :class:`vidsparse.SparseConfig` of a mask kind ("dense" -> None)."""
-        from ..integrations.config import SparseConfig
+        from ..config import SparseConfig
 
         common = self.mask_settings()
         if mask == "dense":
@@ -471,7 +471,7 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
     topp: dict[str, float] = {}
     measure = lambda sparse: measured_sparsity(model, sparse, cfg, data, device)  # noqa: E731
     needs = {v.mask for v in selected}
-    from ..integrations.config import SparseConfig
+    from ..config import SparseConfig
 
     common = cfg.mask_settings()
     if priors and cfg.target_sparsity is None:

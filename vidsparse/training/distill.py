@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from ..data import ShapesConfig, make_batch
 from ..models.flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample_timesteps, velocity_target
-from ..integrations.config import TOKEN_ORDERS
+from ..maskers.token_order import TOKEN_ORDERS
 from .pretrain import (
     _arch,
     _changed_hyperparameters,
@@ -226,7 +226,7 @@ class DistillConfig:
 
     def sparse_config(self):
         """The student's :class:`vidsparse.SparseConfig`."""
-        from ..integrations.config import SparseConfig
+        from ..config import SparseConfig
 
         return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
                             backend=self.backend, token_order=self.token_order,

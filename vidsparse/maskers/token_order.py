@@ -1,9 +1,7 @@
-"""Token orders for the attention call: raster or tiled video tokens, text tokens last.
+"""Token orders a masker can work in: the model's raster order or compact 3-D tiles.
 
-Every processor runs attention on the sequence ``[video tokens; text tokens]``: video first, in
-either order below, and the text (if the architecture mixes it into self-attention) after it.
-The permutation ``perm`` maps attention position -> the model's token position, so
-``x_attn = x.index_select(seq_dim, perm)`` and the output goes back with ``inverse``.
+An order is a permutation of the video tokens, ``perm[i]`` = the raster index of the token at
+position i, composed into the masker's :class:`~vidsparse.MaskPlan`.
 
 Raster ("raster")
     The model's own flattening, frame-major (t, h, w): query block i holds tokens
@@ -16,8 +14,7 @@ Tiled ("tiled")
     exactly one compact 3-D tile, and every key block of block_q / 2 tokens is a half tile. The
     tokens of the partial tiles at the grid's far edges (when the tile does not divide the grid)
     follow, tile by tile, each tile kept contiguous; only those few query blocks straddle tiles.
-    The order is a pure permutation: nothing is padded, so attention over the permuted sequence
-    is the same function of the tokens, and inverse-permuting the output is exact.
+    Nothing is padded, so attention in this order is the same function of the tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["choose_tile_shape", "tiled_order", "sequence_order", "invert"]
+__all__ = ["TOKEN_ORDERS", "choose_tile_shape", "tiled_order", "token_permutation", "grid_coords", "check_grid"]
 
 
 def _full_tile_tokens(grid, tile) -> int:
@@ -94,43 +91,36 @@ def tiled_order(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> torch
     return torch.argsort(key.flatten())
 
 
-def invert(perm: torch.Tensor) -> torch.Tensor:
-    """Inverse permutation: ``x.index_select(d, perm).index_select(d, invert(perm)) == x``."""
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
+TOKEN_ORDERS = ("raster", "tiled")
 
 
-def sequence_order(
-    n_video: int,
-    n_text: int,
-    *,
-    text_first: bool,
-    grid: tuple[int, int, int] | None = None,
-    tile: tuple[int, int, int] | None = None,
-) -> torch.Tensor | None:
-    """Attention order ``[video (raster or tiled); text]`` of a model sequence, or None if identity.
+def check_grid(grid, n_tokens: int, *, who: str) -> tuple[int, int, int]:
+    """``grid`` as three positive ints whose product is ``n_tokens``; the error names ``who``."""
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 3
+            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+        raise ValueError(f"{who}: grid must be three positive ints (T, H, W), got {grid!r}")
+    if math.prod(grid) != n_tokens:
+        raise ValueError(f"{who}: grid {tuple(grid)} has {math.prod(grid)} tokens but the sequence has {n_tokens}")
+    return tuple(grid)
 
-    Args:
-        n_video: video tokens in the model's sequence.
-        n_text: text tokens sharing the self-attention (0 for Wan).
-        text_first: the model puts text before video (CogVideoX) rather than after (HunyuanVideo).
-        grid, tile: the latent grid and tile for the tiled order; both None for raster.
-    Returns:
-        perm (n_video + n_text,) int64 on CPU mapping attention position -> model position, or
-        None when the model's order is already the attention order.
-    """
-    if (grid is None) != (tile is None):
-        raise ValueError("grid and tile must be given together (tiled order) or both omitted (raster)")
-    if grid is not None:
-        if grid[0] * grid[1] * grid[2] != n_video:
-            raise ValueError(f"latent grid {tuple(grid)} has {grid[0] * grid[1] * grid[2]} tokens, expected {n_video}")
-        video = tiled_order(grid, tile)
-    else:
-        if not (text_first and n_text):
-            return None
-        video = torch.arange(n_video)
-    offset = n_text if text_first else 0
-    text_start = 0 if text_first else n_video
-    return torch.cat([video + offset, torch.arange(text_start, text_start + n_text)])
 
+_ORDERS: dict = {}
+
+
+def token_permutation(order: str, grid, block_q: int, tile=None, device="cpu") -> torch.Tensor | None:
+    """The token order's permutation (N,) int64 on ``device`` (None for raster), cached per shape."""
+    if order == "raster":
+        return None
+    tile = tuple(tile) if tile is not None else choose_tile_shape(grid, block_q)
+    key = (tuple(grid), tile, str(device))
+    if key not in _ORDERS:
+        if len(_ORDERS) > 64:
+            _ORDERS.clear()
+        _ORDERS[key] = tiled_order(grid, tile).to(device)
+    return _ORDERS[key]
+
+
+def grid_coords(grid, device="cpu") -> torch.Tensor:
+    """(T*H*W, 3) int64: the (t, h, w) of every raster token."""
+    t, h, w = (torch.arange(g, device=device) for g in grid)
+    return torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1).reshape(-1, 3)

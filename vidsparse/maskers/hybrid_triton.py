@@ -1,7 +1,8 @@
 """Fused GPU predictor for the hybrid Top-k + Top-p block mask.
 
-Same rule and conventions as :func:`vidsparse.maskers.hybrid.hybrid_block_mask` (the eager
-version, which is the oracle in tests), in three launches:
+The GPU path of the ``hybrid`` masker: same rule and conventions as
+:func:`vidsparse.maskers.hybrid.hybrid_block_mask` (the eager reference beside it, the oracle in
+tests), in three launches:
 
 1. ``_pool_kernel`` mean-pools the Q and the K blocks, both in one launch, straight from their
    (bf16/fp16/fp32) storage; each program reads a tile of about 128 x 128 elements (one 128-token
@@ -32,7 +33,7 @@ import triton.language as tl
 
 from .._validation import check_fraction, to_bhnd
 from ..mask import BlockMask, check_block_size, num_blocks
-from ..maskers.hybrid import topk_blocks
+from .hybrid import topk_blocks
 
 
 @triton.jit
