@@ -271,8 +271,9 @@ def test_no_gradient_flows_through_the_mask():
 def test_sparse_attention_mask_matches_masker():
     q, k = _qk(1, 2, 70, 90, 8, seed=13)
     v = torch.randn_like(k)
-    _, mask = vidsparse.sparse_attention(q, k, v, topk=0.2, topp=0.3, block_q=32, block_k=16, return_mask=True)
-    assert torch.equal(mask.dense, hybrid_block_mask(q, k, topk=0.2, topp=0.3, block_q=32, block_k=16).dense)
+    _, plan = vidsparse.sparse_attention(q, k, v, topk=0.2, topp=0.3, block_q=32, block_k=16, return_plan=True)
+    assert plan.perm is None
+    assert torch.equal(plan.mask.dense, hybrid_block_mask(q, k, topk=0.2, topp=0.3, block_q=32, block_k=16).dense)
 
 
 # ------------------------------------------------------------------------------------ property
