@@ -46,12 +46,18 @@ class Masker:
         defaults: the method's own options and their default values.
         needs_grid: the method cannot run without the latent grid (T, H, W).
         native_priors: common options :meth:`build` applies itself (faster than the generic path).
+        density_option: the option that sets how much is kept (larger keeps more), with
+            ``density_bounds`` its range and ``density_fixed`` the other options that make it the
+            only control; used to reach a target sparsity (``vidsparse compare``). None: static.
     """
 
     name: str = ""
     defaults: dict[str, Any] = {}
     needs_grid: bool = False
     native_priors: tuple[str, ...] = ()
+    density_option: str | None = None
+    density_bounds: tuple[float, float] = (0.0, 1.0)
+    density_fixed: dict[str, Any] = {}
 
     # --------------------------------------------------------------------------- to override
     def build(self, q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, grid, positions,
