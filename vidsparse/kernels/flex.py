@@ -19,6 +19,11 @@ as on the GPU machines' torch 2.11 but was not timed here):
   that. Compiling on CPU (no LSE) cost 6.5-8 s per new shape cold. So on CPU this backend is a
   cross-check of the mask conversion against the reference, not a fast path.
 
+Non-finite values: a dropped block never influences a result. Compiled kernels never visit dropped
+blocks; the eager CPU path scores every pair and replaces dropped scores through ``mask_mod``
+(a select, so NaN in a dropped q or k is harmless), and adds the non-finite *values* of v to the
+rows that keep them itself (see ``_add_nonfinite_values``).
+
 The LSE comes back in natural log: FlexAttention's kernels keep base-2 statistics but its public
 function rescales them by ln 2 before returning (torch >= 2.5); the tests compare it with the
 reference's natural-log LSE.
@@ -125,11 +130,34 @@ def attention(q, k, v, mask: BlockMask, scale: float) -> tuple[torch.Tensor, tor
         # flex_attention rejects CPU inputs that require grad even under no_grad; the dispatcher
         # only sends CPU work here when no backward is needed, so detaching loses nothing
         q, k, v = q.detach(), k.detach(), v.detach()
+        v_bad = ~torch.isfinite(v)
+        has_bad = bool(v_bad.any())
         with warnings.catch_warnings():
             # eager use is deliberate on CPU (see the module docstring); silence the advice
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             warnings.filterwarnings("ignore", message="return_lse is deprecated")
-            o, lse = _unpack(fa.flex_attention(q, k, v, **kwargs))
+            o, lse = _unpack(fa.flex_attention(q, k, v.masked_fill(v_bad, 0) if has_bad else v, **kwargs))
+        if has_bad:
+            o = _add_nonfinite_values(o, lse, q, k, v, v_bad, mask, scale)
     # the LSE carries no gradient in vidsparse's contract (as in the reference backend)
     lse = lse.detach()
-    return o, (lse if lse.dtype == torch.float64 else lse.float())
+    return o, (lse if lse.dtype == torch.float64 else lse.float())  # float64 only for float64 inputs
+
+
+def _add_nonfinite_values(o, lse, q, k, v, v_bad, mask: BlockMask, scale: float) -> torch.Tensor:
+    """Eager FlexAttention multiplies the whole (Lq, Lk) probability matrix by v, so a NaN/inf
+    value of a *dropped* key would reach every row (0 * nan = nan). The call above ran with those
+    entries zeroed; here each non-finite value is added back to the rows that keep its key only,
+    as ``p[i, j] * v[j, d]`` (selected with ``where``, never multiplied by a zero p)."""
+    cols = v_bad.flatten(0, 1).any(0).any(-1).nonzero().flatten()  # keys with a bad value anywhere
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h = q.shape[:2]
+    dense = mask.dense.expand(b, h, -1, -1)
+    rows = torch.arange(q.shape[2], device=q.device) // mask.block_q
+    kept = dense[:, :, rows][:, :, :, cols // mask.block_k]  # (B, H, Lq, J)
+    s = (q.to(cdt) @ k[:, :, cols].to(cdt).transpose(-1, -2)) * scale
+    p = torch.exp(s - lse.to(cdt)[..., None])  # (B, H, Lq, J)
+    vj, bad = v[:, :, cols].to(cdt), v_bad[:, :, cols]  # (B, H, J, D)
+    terms = p[..., None] * vj[:, :, None]  # (B, H, Lq, J, D)
+    terms = torch.where(kept[..., None] & bad[:, :, None], terms, torch.zeros((), dtype=cdt))
+    return (o.to(cdt) + terms.sum(-2)).to(o.dtype)

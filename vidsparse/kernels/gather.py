@@ -7,8 +7,10 @@ is what "auto" runs where Triton cannot (the CPU); the exact oracle stays
 this backend to it.
 
 Same semantics as the reference (see its module docstring): a row that keeps no block gets
-o = 0, lse = -inf and zero gradients; non-finite values reach only rows that keep their key
-block. Computation is in float32 (float64 for float64 inputs); o is returned in the input dtype.
+o = 0, lse = -inf and zero gradients; a dropped block never influences any result (non-finite
+values reach only rows that keep their key block, in o, lse and the gradients). Computation is in
+float32 (float64 for float64 inputs); o is returned in the input dtype, lse in the computation
+dtype.
 Gradients come from PyTorch autograd through the gathers.
 """
 
@@ -69,7 +71,11 @@ def attention(q, k, v, mask: BlockMask, scale: float) -> tuple[torch.Tensor, tor
         ic, ok = idx[:, :, sl], key_ok[:, :, sl]  # (B, H, c, W), (B, H, c, W*bk)
         kg = kb[bi, hi, ic].flatten(3, 4)  # (B, H, c, W*bk, D)
         vg = vb[bi, hi, ic].flatten(3, 4)
-        # zero the values of padding and tail slots: 0 * nan would leak a dropped block's NaN
+        # padding slots hold block 0 and tail slots hold padding keys: select them away (not
+        # multiply by zero), in k as well as v, so a NaN there reaches neither o nor the
+        # gradients (the backward of q @ kg^T multiplies by kg); where's backward passes no
+        # gradient to the excluded entries either
+        kg = torch.where(ok[..., None], kg, 0)
         vg = torch.where(ok[..., None], vg, 0)
         s = (qb[:, :, sl] @ kg.transpose(-1, -2)) * scale  # (B, H, c, bq, W*bk)
         keep = ok[:, :, :, None, :]
