@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SpargeAttention2's ablation (paper Table 6) on the tiny Wan model, on one GPU inside one device
-# call: python -m vidsparse.training.ablation, time-budgeted to LIMIT_MIN minutes (default 9)
+# call: python -m vidsparse.tiny.ablation, time-budgeted to LIMIT_MIN minutes (default 9)
 # counted from the start of this script (wheel installation included).
 #
 #   OUT=out LIMIT_MIN=9 bash benchmarks/ablation_gpu.sh
@@ -20,7 +20,7 @@ source benchmarks/gpu_env.sh
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 left=$(python3 -c "print(round($LIMIT_MIN - ($(date +%s) - $start) / 60, 2))")
 echo "ablation: $left min left of $LIMIT_MIN"
-python3 -m vidsparse.training.ablation --out "$OUT" --work-dir runs/ablation --time-limit-min "$left" "$@" \
+python3 -m vidsparse.tiny.ablation --out "$OUT" --work-dir runs/ablation --time-limit-min "$left" "$@" \
   > "$OUT/ablation.log" 2>&1
 rc=$?
 grep '^\[ablation' "$OUT/ablation.log" | tail -20

@@ -30,7 +30,7 @@ cp runs/distill/summary.json runs/distill/loss_curve.png "$OUT/" 2>/dev/null
 cp -r runs/distill/student "$OUT/student" 2>/dev/null
 setting="hybrid-$ORDER:topk=$TOPK,topp=$TOPP,block_q=$BQ,block_k=$BK$DIAG_KEY"
 python3 -m vidsparse.cli eval --setting "$setting" --token-order "$ORDER" ${EVAL_ARGS:-} --no-progress --json "$OUT/eval_original.json" 2>&1 | tail -8
-[ $rc -eq 0 ] && python3 -m vidsparse.cli eval --model runs/distill/student --reference vidsparse/assets/tiny_wan \
+[ $rc -eq 0 ] && python3 -m vidsparse.cli eval --model runs/distill/student --reference vidsparse/tiny/assets/tiny_wan \
   --setting "$setting" ${EVAL_ARGS:-} --no-progress --json "$OUT/eval_student.json" 2>&1 | tail -8
 [ $rc -eq 0 ] && timeout 120 python3 -m vidsparse.cli demo --distilled-path runs/distill/student --out runs/demo \
   --no-progress 2>&1 | tail -15 && cp runs/demo/results.json "$OUT/demo_results.json"

@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from vidsparse.models import load_sampling_defaults, load_tiny_wan
-from vidsparse.models.flow import resolve_sampler
-from vidsparse.training.plots import save_sample_strip
+from vidsparse.tiny import load_sampling_defaults, load_tiny_wan
+from vidsparse.tiny.flow import resolve_sampler
+from vidsparse.tiny.plots import save_sample_strip
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from vidsparse.data import SHAPES, ShapesConfig, render
-from vidsparse.evaluate import _amp, _single_object_inputs
-from vidsparse.models import load_tiny_wan
-from vidsparse.models.flow import predict_velocity, sample
-from vidsparse.models.shape_classifier import load_shape_classifier, per_shape_text, shape_accuracy
+from vidsparse.tiny.data import SHAPES, ShapesConfig, render
+from vidsparse.tiny.evaluate import _amp, _single_object_inputs
+from vidsparse.tiny import load_tiny_wan
+from vidsparse.tiny.flow import predict_velocity, sample
+from vidsparse.tiny.classifier import load_shape_classifier, per_shape_text, shape_accuracy
 
 BROAD = {  # name: sampler keyword arguments (shift 1 throughout, as trained); the first is the baseline
     "euler40 g2": dict(steps=40, guidance_scale=2.0),

@@ -1,4 +1,4 @@
-"""The Table-6 ablation driver (vidsparse.training.ablation) end to end on CPU, on real numbers.
+"""The Table-6 ablation driver (vidsparse.tiny.ablation) end to end on CPU, on real numbers.
 
 The shipped model's first block (``--smoke``) on 4 frames of 32x32 (256 tokens = 16 x 16 blocks of 16); the smoke settings
 train each variant for 2 steps and evaluate on 2 clips, so this checks the plumbing and that every
@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from vidsparse.models import build_tiny_wan, load_tiny_wan
-from vidsparse.training.ablation import VARIANTS, calibrate_topp, main, plan_steps, run_ablation, smoke_config
+from vidsparse.tiny import build_tiny_wan, load_tiny_wan
+from vidsparse.tiny.ablation import VARIANTS, calibrate_topp, main, plan_steps, run_ablation, smoke_config
 
 def test_calibrate_topp_bisects_a_monotone_sparsity():
     calls = []

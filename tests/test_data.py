@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vidsparse.data import (
+from vidsparse.tiny.data import (
     BACKGROUNDS,
     COLOURS,
     MOTIONS,
@@ -22,7 +22,7 @@ from vidsparse.data import (
     render,
     sample_conditions,
 )
-from vidsparse.data import shapes as shapes_mod
+from vidsparse.tiny import data as shapes_mod
 
 SMALL = ShapesConfig(frames=4, size=16, text_dim=32)
 

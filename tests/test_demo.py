@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from vidsparse import demo
+from vidsparse.tiny import demo
 from vidsparse.cli import main
-from vidsparse.data import describe, sample_conditions
-from vidsparse.models.tiny_wan import default_weights_dir, load_sampling_defaults, load_tiny_wan
+from vidsparse.tiny.data import describe, sample_conditions
+from vidsparse.tiny.model import default_weights_dir, load_sampling_defaults, load_tiny_wan
 
 SMALL = ["--frames", "4", "--size", "32", "--device", "cpu", "--no-progress"]
 

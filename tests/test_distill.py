@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidsparse.data import ShapesConfig, make_batch
-from vidsparse.models import build_tiny_wan, load_tiny_wan
+from vidsparse.tiny.data import ShapesConfig, make_batch
+from vidsparse.tiny import build_tiny_wan, load_tiny_wan
 from vidsparse.training.distill import DistillConfig, distill, distill_loss, main, make_student_teacher
-from vidsparse.training.pretrain import list_checkpoints
+from vidsparse.tiny.pretrain import list_checkpoints
 
 # 4 frames of 16x16, patch (1, 4, 4) -> 64 tokens = 4 blocks of 16; head dim 32
 MINI = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, text_dim=32, freq_dim=32)
@@ -147,7 +147,7 @@ LORA = dict(trainable="lora", lora_rank=4, lora_alpha=8.0)
 
 def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path):
     from vidsparse.integrations.diffusers import patch
-    from vidsparse.models.flow import predict_velocity
+    from vidsparse.tiny.flow import predict_velocity
     from vidsparse.training.distill import add_lora, train_student
 
     model = _mini_model()
@@ -237,7 +237,7 @@ def test_gradient_checkpointing_flag_trains(tmp_path):
 
 
 def test_diffusion_only_objective_needs_no_teacher():
-    from vidsparse.training.pretrain import flow_matching_loss
+    from vidsparse.training.flow import flow_matching_loss
 
     model = _mini_model()
     student, _teacher = make_student_teacher(model, _cfg("unused").sparse_config())
@@ -273,7 +273,7 @@ def test_cli_token_order_and_priors_are_trained_and_recorded_with_the_student(tm
     recorded = json.loads((out / "summary.json").read_text())["sparse_config"]
     assert "token_order='tiled'" in recorded and "keep_diagonal=True" in recorded and "keep_sink=False" in recorded
     # what `vidsparse demo --distilled-path` and `vidsparse eval` read back
-    from vidsparse.evaluate import read_sparse_setting
+    from vidsparse.tiny.evaluate import read_sparse_setting
 
     assert read_sparse_setting(out / "student") == {"topk": 0.25, "topp": 0.5, "block_q": 16, "block_k": 16,
                                                    "token_order": "tiled", "keep_diagonal": True, "keep_sink": False}

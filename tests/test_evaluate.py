@@ -13,10 +13,10 @@ import torch
 import vidsparse
 from vidsparse import SparseConfig
 from vidsparse.cli import main as cli_main
-from vidsparse.data import ShapesConfig, make_batch
-from vidsparse.evaluate import evaluate_variant, sample_videos, validation_loss
+from vidsparse.tiny.data import ShapesConfig, make_batch
+from vidsparse.tiny.evaluate import evaluate_variant, sample_videos, validation_loss
 from vidsparse.integrations.diffusers import is_patched
-from vidsparse.models import build_tiny_wan, load_tiny_wan
+from vidsparse.tiny import build_tiny_wan, load_tiny_wan
 
 MINI = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, text_dim=32, freq_dim=32)
 DATA = ShapesConfig(frames=4, size=16, text_dim=32)
@@ -120,8 +120,8 @@ def test_samples_against_dense_reference():
 
 
 def test_shape_accuracy_of_samples():
-    from vidsparse.evaluate import _single_object_inputs
-    from vidsparse.models.shape_classifier import single_object
+    from vidsparse.tiny.evaluate import _single_object_inputs
+    from vidsparse.tiny.classifier import single_object
 
     model = _mini_model()
     kw = dict(clips=1, num_t=1, samples=0, sample_steps=2, guidance_scale=1.0, shift=1.0, data=DATA)
@@ -214,7 +214,7 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     ],
 )
 def test_cli_settings(args, expected):
-    from vidsparse.evaluate import _parser, _settings
+    from vidsparse.tiny.evaluate import _parser, _settings
 
     parser = _parser()
     settings = _settings(parser.parse_args(args), parser)
@@ -224,7 +224,7 @@ def test_cli_settings(args, expected):
 
 def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
     # a distilled student carries the mask it was trained for; flags still win
-    from vidsparse.evaluate import _parser, _settings
+    from vidsparse.tiny.evaluate import _parser, _settings
 
     (tmp_path / "sparse_config.json").write_text('{"topk": 0.03125, "topp": 0.083, "block_q": 64, "block_k": 32}')
     parser = _parser()
@@ -246,7 +246,7 @@ def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
 
 def test_cli_priors_from_a_setting_and_from_a_students_sparse_config(tmp_path):
     # keep_diagonal / keep_sink reach the SparseConfig, from --setting keys and from sparse_config.json
-    from vidsparse.evaluate import _parser, _settings
+    from vidsparse.tiny.evaluate import _parser, _settings
 
     parser = _parser()
     args = parser.parse_args(["--setting", "d:topk=0.05,keep-diagonal=true,keep_sink=0", "--setting", "s:topp=0.3,keep_sink=yes"])

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vidsparse.data import SHAPES, ShapesConfig, render, sample_conditions
-from vidsparse.models.shape_classifier import (
+from vidsparse.tiny.data import SHAPES, ShapesConfig, render, sample_conditions
+from vidsparse.tiny.classifier import (
     ShapeClassifier, load_shape_classifier, main, shape_accuracy, single_object, train_shape_classifier,
 )
 

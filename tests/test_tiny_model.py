@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from vidsparse.data import ShapesConfig, make_batch
-from vidsparse.models import (
+from vidsparse.tiny.data import ShapesConfig, make_batch
+from vidsparse.tiny import (
     PARAM_BUDGET_BYTES,
     build_tiny_wan,
     count_parameters,
@@ -23,14 +23,9 @@ from vidsparse.models import (
     token_grid,
     velocity_target,
 )
-from vidsparse.training.pretrain import (
-    TrainConfig,
-    flow_matching_loss,
-    list_checkpoints,
-    main,
-    make_optimizer,
-    train,
-)
+from vidsparse.tiny.pretrain import TrainConfig, list_checkpoints, main, train
+from vidsparse.training.flow import flow_matching_loss
+from vidsparse.training.optim import make_optimizer
 
 # a miniature model and dataset: 4 frames of 16x16 -> 4 x 4 x 4 = 64 tokens
 MINI = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, text_dim=32, freq_dim=32)
@@ -227,7 +222,7 @@ def test_sampler_eta_and_guidance_interval():
 
 
 def test_resolve_sampler_fills_only_what_is_not_given():
-    from vidsparse.models.flow import resolve_sampler
+    from vidsparse.tiny.flow import resolve_sampler
 
     defaults = {"steps": 40, "guidance_scale": 4, "guidance_interval": [0.1, 0.8], "eta": 0, "shift": 1}
     assert resolve_sampler(defaults) == {"guidance_scale": 4.0, "guidance_interval": (0.1, 0.8), "eta": 0.0, "shift": 1.0}
@@ -365,7 +360,7 @@ def test_auto_steps_fill_the_time_limit(tmp_path, monkeypatch):
     # busy the machine is (a loaded CI box fitted no step at all with the real clock)
     import time as real_time
 
-    import vidsparse.training.pretrain as pretrain_mod
+    import vidsparse.tiny.pretrain as pretrain_mod
 
     class FakeClock:
         now = 0.0

@@ -62,10 +62,10 @@ def _run_module(module: str):
 
 SUBCOMMANDS = {
     "info": (lambda argv: _cmd_info(argv), "versions, GPU, and which attention backends work here (and why not)"),
-    "demo": (_run_module("vidsparse.demo"), "the main job: the embedded tiny video model, dense vs vidsparse side by side (`vidsparse demo --help`)"),
+    "demo": (_run_module("vidsparse.tiny.demo"), "the main job: the embedded tiny video model, dense vs vidsparse side by side (`vidsparse demo --help`)"),
     "bench": (_run_module("vidsparse.bench"), "GPU benchmarks: `vidsparse bench attention --help`"),
     "distill": (_run_module("vidsparse.training.distill"), "velocity-distillation fine-tuning of a sparse student"),
-    "eval": (_run_module("vidsparse.evaluate"), "quality yardstick: validation loss and PSNR/SSIM vs dense, per attention setting"),
+    "eval": (_run_module("vidsparse.tiny.evaluate"), "quality yardstick: validation loss and PSNR/SSIM vs dense, per attention setting"),
 }
 
 

@@ -2,8 +2,8 @@
 
 Run it as a module (or through ``benchmarks/ablation_gpu.sh``)::
 
-    python -m vidsparse.training.ablation --out out --time-limit-min 9
-    python -m vidsparse.training.ablation --out out/smoke --smoke       # CPU: end to end in well under a minute
+    python -m vidsparse.tiny.ablation --out out --time-limit-min 9
+    python -m vidsparse.tiny.ablation --out out/smoke --smoke       # CPU: end to end in well under a minute
 
 Ten variants of the embedded tiny Wan model, all at about 95% block sparsity (by default with the
 paper's 128 x 64 blocks in raster token order; ``--block-q/--block-k``, ``--token-order tiled`` and
@@ -83,9 +83,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..evaluate import _device_name, _jsonable, _versions
+from .evaluate import _device_name, _jsonable, _versions
 from ..maskers.token_order import TOKEN_ORDERS
-from .distill import _optional_float
+from ..training.distill import _optional_float
 
 __all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "main"]
 
@@ -284,7 +284,7 @@ def _call(fn, **kwargs):
 
 def measured_sparsity(model, sparse, cfg: AblationConfig, data, device) -> float:
     """Mean block sparsity of ``sparse`` on ``calib_clips`` val clips x ``calib_num_t`` times."""
-    from ..evaluate import validation_loss
+    from .evaluate import validation_loss
 
     r = _call(validation_loss, model=model, sparse=sparse, split="val", clips=cfg.calib_clips,
               batch_size=cfg.eval_batch_size, seed=cfg.seed, num_t=cfg.calib_num_t, device=device, data=data)
@@ -316,7 +316,7 @@ def calibrate_topp(model, make_sparse, target: float, *, iters: int, measure) ->
 
 
 def _load_model(cfg: AblationConfig, device: torch.device):
-    from ..models.tiny_wan import default_weights_dir, load_tiny_wan
+    from .model import default_weights_dir, load_tiny_wan
 
     where = Path(cfg.model) if cfg.model is not None else default_weights_dir()
     model = load_tiny_wan(where, device=device, dtype=torch.float32)
@@ -327,7 +327,7 @@ def _load_model(cfg: AblationConfig, device: torch.device):
 
 
 def _evaluate(model, sparse, cfg: AblationConfig, reference, data, device, cache) -> dict[str, Any]:
-    from ..evaluate import evaluate_variant, validation_loss
+    from .evaluate import evaluate_variant, validation_loss
 
     t0 = time.monotonic()
     r = _call(evaluate_variant, model=model, sparse=sparse, reference=reference, split="val", clips=cfg.eval_clips,
@@ -347,7 +347,7 @@ def _evaluate(model, sparse, cfg: AblationConfig, reference, data, device, cache
 
 def _distill_config(cfg: AblationConfig, variant: Variant, sparse, out_dir: Path, steps: int, limit_min: float | None,
                     device: str):
-    from .distill import DistillConfig
+    from ..training.distill import DistillConfig
 
     return DistillConfig(
         out=str(out_dir), steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, steps),
@@ -364,8 +364,8 @@ def _distill_config(cfg: AblationConfig, variant: Variant, sparse, out_dir: Path
 
 def _measure_step_time(cfg: AblationConfig, model, sparse, work: Path, device: torch.device, objective: str) -> dict[str, Any]:
     """Seconds per training step of ``objective`` (hybrid mask, shifted data), from a short throw-away run."""
-    from .distill import distill
-    from .plots import read_jsonl
+    from ..training.distill import distill
+    from ..training.plots import read_jsonl
 
     run_dir = work / f"throughput_{objective}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -403,9 +403,9 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
     ``model`` (float32) replaces loading ``cfg.model`` (tests). ``started``: the
     ``time.monotonic()`` the time limit counts from (default: now; the CLI passes its import time).
     """
-    from ..data import ShapesConfig
-    from .distill import train_student
-    from .pretrain import resolve_device
+    from .data import ShapesConfig
+    from ..training.distill import train_student
+    from ..utils import resolve_device
 
     t_start = time.monotonic() if started is None else started
     deadline = t_start + cfg.time_limit_min * 60
@@ -425,7 +425,7 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
         model = model.to(device).eval()
     model.requires_grad_(False)
     data = ShapesConfig(frames=cfg.frames, size=cfg.size, text_dim=int(model.config.text_dim))
-    from ..models.tiny_wan import token_grid
+    from .model import token_grid
 
     tokens = math.prod(token_grid(model.config, data.frames, data.size, data.size))
     n_kv = -(-tokens // cfg.block_k)
@@ -618,7 +618,7 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
 
 def _export(student, path: Path, model_dir: Path | None, cfg: AblationConfig, v: Variant, sparse, summary, payload) -> None:
     """fp16 save_pretrained of the distilled student, with the source's sampling.json and a card."""
-    from .distill import save_student, sparse_setting, write_sparse_setting
+    from ..training.distill import save_student, sparse_setting, write_sparse_setting
 
     shown = {k: v for k, v in sparse_setting(sparse).items() if v is not False}  # priors only when on
 
@@ -628,21 +628,21 @@ def _export(student, path: Path, model_dir: Path | None, cfg: AblationConfig, v:
         shutil.copy(Path(model_dir) / "sampling.json", path / "sampling.json")
     card = f"""# tiny Wan, velocity-distilled for hybrid block-sparse attention
 
-The embedded tiny Wan model (`vidsparse/assets/tiny_wan`) fine-tuned by velocity distillation
+The embedded tiny Wan model (`vidsparse/tiny/assets/tiny_wan`) fine-tuned by velocity distillation
 (SpargeAttention2 §4.2) against its own dense copy, with vidsparse's hybrid Top-k+Top-p
-block-sparse self-attention in the student. Variant {v.id} of `python -m vidsparse.training.ablation`.
+block-sparse self-attention in the student. Variant {v.id} of `python -m vidsparse.tiny.ablation`.
 
 | | |
 |---|---|
 | sparse setting to use | `SparseConfig({", ".join(f"{k}={v!r}" for k, v in shown.items())})` (also in `sparse_config.json`) |
 | measured block sparsity (calibration) | {payload['calibration'].get('hybrid', {}).get('sparsity', float('nan')):.4f} |
-| fine-tuning data | "{v.data}" split of `vidsparse.data` (colours, motions and backgrounds held out of pretraining) |
+| fine-tuning data | "{v.data}" split of `vidsparse.tiny.data` (colours, motions and backgrounds held out of pretraining) |
 | steps | {summary['step']} x batch {cfg.batch_size}, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio:g} x), all parameters |
 | timesteps | {cfg.timesteps} (mean {cfg.t_mean}, std {cfg.t_std}), shift {cfg.t_shift:g} |
 | device | {payload['device_name']}, {payload['precision']}, torch {payload['versions']['torch']} |
 | date | {payload['date']} |
 
-Weights: fp16 safetensors (`save_pretrained`); load with `vidsparse.models.load_tiny_wan(path)` and
+Weights: fp16 safetensors (`save_pretrained`); load with `vidsparse.tiny.load_tiny_wan(path)` and
 patch with the setting above (`vidsparse.patch(model, SparseConfig(...))`). It was trained for
 that sparse setting; for dense attention use the original model. Quality against the original:
 `ablation.md` / `ablation.json` of the same run (variant {v.id}).
@@ -678,7 +678,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines = [
         "### SpargeAttention2 ablation (Table 6) on the tiny Wan model",
         "",
-        f"`{payload.get('command') or 'python -m vidsparse.training.ablation'}`, {payload['date']}, "
+        f"`{payload.get('command') or 'python -m vidsparse.tiny.ablation'}`, {payload['date']}, "
         f"**{payload['device_name']}**, torch {vers.get('torch')}, triton {vers.get('triton')}, "
         f"diffusers {vers.get('diffusers')}, {payload['precision']}. {payload['tokens']} tokens per clip "
         f"({s['frames']}x{s['size']}x{s['size']}), blocks {s['block_q']}x{s['block_k']}, {s.get('token_order', 'raster')} "
@@ -744,7 +744,7 @@ def _variants_arg(text: str) -> tuple[int, ...]:
 def _parser() -> argparse.ArgumentParser:
     d = AblationConfig(out="")
     p = argparse.ArgumentParser(
-        prog="python -m vidsparse.training.ablation",
+        prog="python -m vidsparse.tiny.ablation",
         description="SpargeAttention2's Table 6 ablation on the tiny Wan model, inside a wall-clock budget.",
     )
     p.add_argument("--out", required=True, help="ablation.json, ablation.md and distilled_hybrid/ go here")
@@ -784,7 +784,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    cmd = "python -m vidsparse.training.ablation " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    cmd = "python -m vidsparse.tiny.ablation " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     changes: dict[str, Any] = dict(model=args.model, time_limit_min=args.time_limit_min, steps=args.steps, lr=args.lr,
                                    min_lr_ratio=args.min_lr_ratio, topp_only=args.topp_only, hybrid_topp=args.hybrid_topp,
                                    target_sparsity=args.target_sparsity, shifted_eval=not args.no_shifted_eval,

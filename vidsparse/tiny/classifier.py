@@ -1,14 +1,14 @@
 """A small frame classifier for the synthetic data's shapes: is a sampled object recognisable?
 
 The tiny model's samples are judged by eye otherwise. This CNN is trained on rendered frames of
-single-object clips (:mod:`vidsparse.data`, train split) to name the object's shape (disc, square,
+single-object clips (:mod:`vidsparse.tiny.data`, train split) to name the object's shape (disc, square,
 triangle, ring) whatever its colour, size, rotation, motion and background. Applied to generated
 videos of single-object conditions, its per-clip majority vote gives a *shape accuracy*: 25% is
 chance, real validation clips score near 100%.
 
-    python -m vidsparse.models.shape_classifier --out vidsparse/assets/shape_classifier --steps 2500
+    python -m vidsparse.tiny.classifier --out vidsparse/tiny/assets/shape_classifier --steps 2500
 
-The weights shipped in ``vidsparse/assets/shape_classifier`` come from that command (12 minutes on a
+The weights shipped in ``vidsparse/tiny/assets/shape_classifier`` come from that command (12 minutes on a
 2-core CPU; 99.7% of 1,024 validation frames right; ``info.json`` beside them).
 """
 
@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..data import SHAPES, Conditions, ShapesConfig, render, sample_conditions
+from .data import SHAPES, Conditions, ShapesConfig, render, sample_conditions
 
 __all__ = ["ShapeClassifier", "train_shape_classifier", "load_shape_classifier", "shape_accuracy",
            "per_shape_text", "single_object", "default_classifier_dir"]
@@ -105,7 +105,7 @@ def train_shape_classifier(
 
 
 def default_classifier_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "assets" / "shape_classifier"
+    return Path(__file__).resolve().parent / "assets" / "shape_classifier"
 
 
 def load_shape_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> ShapeClassifier:
@@ -115,7 +115,7 @@ def load_shape_classifier(path: str | Path | None = None, device: str | torch.de
     path = Path(path) if path is not None else default_classifier_dir()
     file = path / _WEIGHTS
     if not file.is_file():
-        raise FileNotFoundError(f"no shape classifier at {file} (train one: python -m vidsparse.models.shape_classifier --out DIR)")
+        raise FileNotFoundError(f"no shape classifier at {file} (train one: python -m vidsparse.tiny.classifier --out DIR)")
     meta = json.loads((path / "info.json").read_text()) if (path / "info.json").is_file() else {}
     model = ShapeClassifier(width=int(meta.get("width", 32)))
     model.load_state_dict(load_file(str(file)))
@@ -136,7 +136,7 @@ def shape_accuracy(videos: torch.Tensor, conditions: Conditions, classifier: Sha
         frames names the conditioned shape (None when no clip has one object), "frame_accuracy": the
         same per frame, "per_shape": {shape name: accuracy over the clips conditioned on it (None when
         there is none)}, "confusion": counts[conditioned shape][voted shape] as nested lists in
-        :data:`vidsparse.data.SHAPES` order}.
+        :data:`vidsparse.tiny.data.SHAPES` order}.
     """
     if videos.dim() != 5 or videos.shape[0] != len(conditions):
         raise ValueError(f"videos must be (B={len(conditions)}, 3, T, H, W), got shape {tuple(videos.shape)}")
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / _WEIGHTS))
-    info["command"] = "python -m vidsparse.models.shape_classifier " + " ".join(sys.argv[1:] if argv is None else argv)
+    info["command"] = "python -m vidsparse.tiny.classifier " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(info, indent=1))
     return 0

@@ -739,7 +739,7 @@ def render(conditions: Conditions, *, config: ShapesConfig | None = None) -> tor
     """
     config = config or ShapesConfig()
     if not isinstance(conditions, Conditions):
-        raise ValueError(f"conditions must be a vidsparse.data.Conditions, got {type(conditions).__name__}")
+        raise ValueError(f"conditions must be a vidsparse.tiny.data.Conditions, got {type(conditions).__name__}")
     if conditions.max_objects != config.max_objects:
         raise ValueError(
             f"conditions have {conditions.max_objects} object slots but config.max_objects={config.max_objects}"

@@ -18,10 +18,10 @@ It uses the GPU when there is one (bf16, Triton kernels). On a CPU it runs 1 sam
 Euler steps (it says so) so the whole command stays under ~3 minutes: on the CPU vidsparse runs
 its exact eager reference backend, which is correct but not faster than dense attention.
 
-``--distilled`` puts the distilled sparse student (``vidsparse/assets/tiny_wan_distilled`` or
+``--distilled`` puts the distilled sparse student (``vidsparse/tiny/assets/tiny_wan_distilled`` or
 ``--distilled-path``) on the sparse side; the dense side stays the original model. ``--model``
 takes another diffusers ``WanTransformer3DModel`` directory in the tiny model's format (pixel
-space, conditioned on :func:`vidsparse.data.embed`). ``--synthetic`` runs the model-free demo:
+space, conditioned on :func:`vidsparse.tiny.data.embed`). ``--synthetic`` runs the model-free demo:
 the hybrid mask and block-sparse attention on synthetic video-like queries and keys.
 """
 
@@ -294,12 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT}/)")
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="a diffusers WanTransformer3DModel directory in the tiny model's format "
-                             "(default: the embedded vidsparse/assets/tiny_wan)")
+                             "(default: the embedded vidsparse/tiny/assets/tiny_wan)")
     parser.add_argument("--distilled", action="store_true",
                         help="sparse side: the distilled sparse student (dense side: the original model)")
     parser.add_argument("--distilled-path", default=None, metavar="PATH",
                         help="the distilled student's directory (implies --distilled; "
-                             "default: vidsparse/assets/tiny_wan_distilled)")
+                             "default: vidsparse/tiny/assets/tiny_wan_distilled)")
     parser.add_argument("--topk", type=_fraction, default=_UNSET,
                         help=f"Top-k fraction of key blocks kept per query block, or 'none' (default {DEMO_TOPK})")
     parser.add_argument("--token-order", choices=("raster", "tiled"), default=None,
@@ -411,14 +411,14 @@ def _checkpoint_dir(flag: str, path, parser, *, hint: str = "") -> Path:
         parser.error(f"{flag} {path}: unreadable config.json ({e})")
     if cfg.get("_class_name") != "WanTransformer3DModel":
         parser.error(f"{flag} {path}: a {cfg.get('_class_name')!r} checkpoint; the demo runs WanTransformer3DModel")
-    from vidsparse.data import ShapesConfig
+    from vidsparse.tiny.data import ShapesConfig
 
     text_dim = ShapesConfig().text_dim
     if cfg.get("in_channels") != 3 or cfg.get("out_channels", 3) != 3 or cfg.get("text_dim") != text_dim:
         parser.error(
             f"{flag} {path}: in_channels={cfg.get('in_channels')}, out_channels={cfg.get('out_channels')}, "
             f"text_dim={cfg.get('text_dim')}; the demo needs the tiny model's format: pixel-space RGB "
-            f"(3 channels in and out, no VAE) conditioned on vidsparse.data.embed (text_dim={text_dim})"
+            f"(3 channels in and out, no VAE) conditioned on vidsparse.tiny.data.embed (text_dim={text_dim})"
         )
     return where
 
@@ -488,7 +488,7 @@ def _run(model, cond, noise, *, desc, progress, device, **sampler):
     """flow.sample(**sampler) with a progress bar over the network calls; returns (video clamped, seconds)."""
     from tqdm.auto import tqdm
 
-    from vidsparse.models import flow
+    from vidsparse.tiny import flow
 
     bar = tqdm(total=sampler["steps"], desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=True)
 
@@ -548,7 +548,7 @@ def _sparse_config(args, parser, distilled_dir: Path | None):
     fields = {"topk": DEMO_TOPK, "topp": DEMO_TOPP}
     source = "--topk/--topp/--block-q/--block-k"
     if distilled_dir is not None:
-        from vidsparse.evaluate import read_sparse_setting
+        from vidsparse.tiny.evaluate import read_sparse_setting
 
         try:
             saved = read_sparse_setting(distilled_dir)
@@ -694,10 +694,10 @@ def model_main(args, parser) -> dict:
     import torch
 
     from vidsparse import integrations as integ
-    from vidsparse.data import ShapesConfig, describe, embed, sample_conditions
+    from vidsparse.tiny.data import ShapesConfig, describe, embed, sample_conditions
     from vidsparse.metrics import video_psnr_ssim
-    from vidsparse.models import flow
-    from vidsparse.models.tiny_wan import default_weights_dir, describe_model, load_sampling_defaults, load_tiny_wan
+    from vidsparse.tiny import flow
+    from vidsparse.tiny.model import default_weights_dir, describe_model, load_sampling_defaults, load_tiny_wan
 
     device = _device(args, parser)
     model_dir = _checkpoint_dir("--model", args.model, parser) if args.model else default_weights_dir()
@@ -775,11 +775,7 @@ def model_main(args, parser) -> dict:
               f"fewer steps give blurrier videos)")
     backend = "Triton kernels" if cuda else "gather backend (eager PyTorch over the kept blocks only)"
     print(f"  sparse side: {'distilled student ' + str(distilled_dir) + ', ' if student is not None else ''}"
-          f"topk={_fmt_frac(sparse_cfg.topk)}, topp={_fmt_frac(sparse_cfg.topp)}, "
-          f"blocks {sparse_cfg.block_q}x{sparse_cfg.block_k}, {sparse_cfg.token_order} token order, "
-          + "".join(f"{name} kept, " for name, on in (("diagonal", sparse_cfg.keep_diagonal),
-                                                       ("sink", sparse_cfg.keep_sink)) if on)
-          + backend)
+          f"{sparse_cfg.describe()}, {backend}")
     progress = not args.no_progress
     common = dict(steps=steps, guidance_scale=guidance, guidance_interval=interval, eta=eta, shift=shift, device=device)
     sparse_model = student if student is not None else model

@@ -12,11 +12,11 @@ Two numbers per attention setting (dense, or a :class:`vidsparse.SparseConfig`):
   *reference* model; identical videos give PSNR = inf and SSIM = 1. For a distilled student the
   reference is the original dense model (``--reference``).
 * optionally, **shape accuracy** (``shape_samples``): single-object conditions are sampled and
-  :mod:`vidsparse.models.shape_classifier` judges whether each video shows the conditioned shape
+  :mod:`vidsparse.tiny.classifier` judges whether each video shows the conditioned shape
   (chance 0.25), a measure of whether the model draws recognisable objects at all.
 
     >>> from vidsparse import SparseConfig
-    >>> from vidsparse.models import load_tiny_wan
+    >>> from vidsparse.tiny import load_tiny_wan
     >>> from vidsparse.evaluate import validation_loss, evaluate_variant
     >>> model = load_tiny_wan()
     >>> validation_loss(model, SparseConfig(topk=0.03, topp=0.1), clips=8, num_t=4)["val_loss"]
@@ -41,7 +41,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import ShapesConfig
-    from .config import SparseConfig
+    from ..config import SparseConfig
 
 __all__ = ["validation_loss", "sample_videos", "sample_shape_accuracy", "evaluate_variant", "main", "DEFAULT_TOPK", "DEFAULT_TOPP"]
 
@@ -64,7 +64,7 @@ def _noise(shape: Sequence[int], *parts: int) -> torch.Tensor:
     Drawn on the CPU so the numbers are the same on every device, and per item so they do not
     depend on the batch size or on how many clips are evaluated.
     """
-    from .training.pretrain import _hash_seed
+    from ..utils import hash_seed as _hash_seed
 
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_hash_seed(*(int(p) for p in parts))))
 
@@ -105,7 +105,7 @@ def _data_config(model: torch.nn.Module, data: "ShapesConfig | None") -> "Shapes
     if data is None:
         return ShapesConfig(text_dim=text_dim)
     if not isinstance(data, ShapesConfig):
-        raise ValueError(f"data must be a vidsparse.data.ShapesConfig, got {type(data).__name__}")
+        raise ValueError(f"data must be a vidsparse.tiny.data.ShapesConfig, got {type(data).__name__}")
     if data.text_dim != text_dim:
         raise ValueError(f"data.text_dim={data.text_dim} must equal the model's text_dim={text_dim}")
     return data
@@ -119,7 +119,7 @@ def _check_split(split: str) -> None:
 
 
 def _check_sparse(sparse) -> None:
-    from .config import SparseConfig
+    from ..config import SparseConfig
 
     if sparse is not None and not isinstance(sparse, SparseConfig):
         raise TypeError(f"sparse must be a vidsparse.SparseConfig or None (dense), got {type(sparse).__name__}")
@@ -132,7 +132,7 @@ def _attention(model: torch.nn.Module, sparse: "SparseConfig | None", stats_out:
     Always restores the original processors and the train/eval mode, also on error. With
     ``stats_out`` given and ``sparse`` set, the sparsity summary of the calls is stored there.
     """
-    from .integrations.diffusers import is_patched, patch, unpatch
+    from ..integrations.diffusers import is_patched, patch, unpatch
 
     if is_patched(model):
         raise ValueError(
@@ -148,7 +148,7 @@ def _attention(model: torch.nn.Module, sparse: "SparseConfig | None", stats_out:
             patched = True
         yield
         if patched and stats_out is not None:
-            from .integrations.diffusers import stats
+            from ..integrations.diffusers import stats
 
             stats_out.update(stats(model).summary())
     finally:
@@ -191,7 +191,7 @@ def validation_loss(
         seed: data and noise seed.
         device: where to run (the model is moved there); None = the model's device.
         progress: tqdm bar over the batches.
-        data: clip geometry (:class:`vidsparse.data.ShapesConfig`); default 16 x 64 x 64 with the
+        data: clip geometry (:class:`vidsparse.tiny.data.ShapesConfig`); default 16 x 64 x 64 with the
             model's ``text_dim``.
 
     Returns:
@@ -202,7 +202,7 @@ def validation_loss(
     from tqdm.auto import tqdm
 
     from .data import make_batch
-    from .models.flow import noisy_sample, predict_velocity, velocity_target
+    from .flow import noisy_sample, predict_velocity, velocity_target
 
     _check_sparse(sparse)
     _check_split(split)
@@ -268,7 +268,7 @@ def sample_videos(
     stats_out: dict | None = None,
 ) -> torch.Tensor:
     """Samples of ``model`` with ``sparse`` attention (None: dense) from the given noise
-    (:func:`vidsparse.models.flow.sample` with these sampler settings).
+    (:func:`vidsparse.tiny.flow.sample` with these sampler settings).
 
     The model is patched for the call and unpatched afterwards (also on error); ``dense_steps``
     of ``sparse`` applies (counted from this generation's first step). Runs on the device of
@@ -278,7 +278,7 @@ def sample_videos(
     Returns:
         (B, 3, T, H, W) float32 samples clamped to [-1, 1].
     """
-    from .models.flow import sample
+    from .flow import sample
 
     _check_sparse(sparse)
     with _attention(model, sparse, stats_out), _amp(cond_embeds.device):
@@ -308,7 +308,7 @@ def _single_object_inputs(n: int, *, split: str, seed: int, data, device):
     """The first ``n`` single-object clips of ``split`` (their shape is unambiguous): conditions,
     embeddings and fixed initial noise (keyed by clip index, like :func:`_sample_inputs`)."""
     from .data import sample_conditions
-    from .models.shape_classifier import single_object
+    from .classifier import single_object
 
     pool = sample_conditions(max(16, 8 * n), seed=seed, split=split, config=data, device=device)
     idx = torch.nonzero(single_object(pool)).flatten()[:n]
@@ -339,11 +339,11 @@ def sample_shape_accuracy(
     attention (None: dense) and judge them with the shape classifier.
 
     Returns:
-        :func:`vidsparse.models.shape_classifier.shape_accuracy`'s dict: ``accuracy`` is the fraction
+        :func:`vidsparse.tiny.classifier.shape_accuracy`'s dict: ``accuracy`` is the fraction
         of samples whose object is named as conditioned (chance 0.25), ``per_shape`` and ``confusion``
         break it down by conditioned shape.
     """
-    from .models.shape_classifier import shape_accuracy
+    from .classifier import shape_accuracy
 
     _check_int("shape_samples", shape_samples, 1)
     data = _data_config(model, data)
@@ -357,7 +357,7 @@ def sample_shape_accuracy(
 
 def _sampling_defaults(*models: torch.nn.Module) -> dict[str, float]:
     """sampling.json of the first model directory (``config._name_or_path``) that has one."""
-    from .models.tiny_wan import load_sampling_defaults
+    from .model import load_sampling_defaults
 
     for m in models:
         where = getattr(getattr(m, "config", None), "_name_or_path", None)
@@ -398,14 +398,14 @@ def evaluate_variant(
         split, clips, batch_size, seed, num_t, data: see :func:`validation_loss`.
         samples: conditions sampled (clips 0..samples-1 of ``split``; 0 skips the samples).
         sample_steps: Euler steps. guidance_scale, shift, guidance_interval, eta: sampler settings
-            (:func:`vidsparse.models.flow.sample`); None = the model directory's ``sampling.json``
-            (:func:`vidsparse.models.load_sampling_defaults`).
+            (:func:`vidsparse.tiny.flow.sample`); None = the model directory's ``sampling.json``
+            (:func:`vidsparse.tiny.load_sampling_defaults`).
         device: where to run (models are moved there); None = the model's device.
         progress: tqdm bars.
         cache: a dict shared between calls to reuse the reference's dense samples (one CLI run
             evaluates several settings against the same dense samples).
         shape_samples: sample this many single-object conditions and judge each video's object
-            with :func:`vidsparse.models.shape_classifier.shape_accuracy` (0 = skip).
+            with :func:`vidsparse.tiny.classifier.shape_accuracy` (0 = skip).
 
     Returns:
         ``{"val_loss", "per_t", "sparsity", "layer_sparsity", "psnr", "ssim", "samples",
@@ -416,7 +416,7 @@ def evaluate_variant(
         identical videos); ``seconds`` is this setting's own time
         (validation + its own sampling; reference samples taken from ``cache`` are not counted).
     """
-    from .metrics import video_psnr_ssim
+    from ..metrics import video_psnr_ssim
 
     _check_sparse(sparse)
     _check_int("samples", samples, 0)
@@ -426,7 +426,7 @@ def evaluate_variant(
     data = _data_config(model, data)
     device = _resolve_device(model, device)
     _resolve_device(reference, device)
-    from .models.flow import resolve_sampler
+    from .flow import resolve_sampler
 
     resolved = resolve_sampler(_sampling_defaults(model, reference), guidance_scale=guidance_scale,
                                guidance_interval=guidance_interval, eta=eta, shift=shift)
@@ -506,7 +506,7 @@ class _Setting:
     def config(self, backend: str, token_order: str = "raster"):
         if self.method == "dense":
             return None
-        from .config import SparseConfig
+        from ..config import SparseConfig
 
         return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
                             token_order=token_order, backend=backend, keep_diagonal=self.keep_diagonal,
@@ -515,7 +515,7 @@ class _Setting:
 
 def _fraction_arg(flag: str, text: str):
     """'none' -> None, else a float in (0, 1]; errors name ``flag``."""
-    from ._validation import parse_fraction
+    from .._validation import parse_fraction
 
     try:
         return parse_fraction(text)
@@ -524,7 +524,7 @@ def _fraction_arg(flag: str, text: str):
 
 
 def _block_arg(flag: str, text) -> int:
-    from .mask import check_block_size
+    from ..mask import check_block_size
 
     try:
         value = int(text)
@@ -655,7 +655,7 @@ def _saved_setting(model: str | None, parser) -> dict:
 
 
 def _settings(args, parser) -> list[_Setting]:
-    from .dispatch import BACKENDS
+    from ..dispatch import BACKENDS
 
     if args.backend != "auto" and args.backend not in BACKENDS:
         parser.error(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {args.backend!r}")
@@ -689,7 +689,7 @@ def _settings(args, parser) -> list[_Setting]:
 
 
 def _model_dir(flag: str, path: str | None, parser) -> Path:
-    from .models.tiny_wan import default_weights_dir
+    from .model import default_weights_dir
 
     where = Path(path) if path is not None else default_weights_dir()
     if not (where / "config.json").is_file() or not any(where.glob("*.safetensors")):
@@ -721,7 +721,7 @@ def _jsonable(obj):
 def _versions() -> dict[str, str]:
     import platform
 
-    from . import __version__
+    from .. import __version__
 
     out = {"vidsparse": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for mod in ("diffusers", "triton"):
@@ -782,8 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from .models.flow import describe_sampler, resolve_sampler
-    from .models.tiny_wan import load_tiny_wan, token_grid
+    from .flow import describe_sampler, resolve_sampler
+    from .model import load_tiny_wan, token_grid
 
     model = load_tiny_wan(model_dir, device=device)
     reference = model if ref_dir == model_dir else load_tiny_wan(ref_dir, device=device)
@@ -850,7 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{_fmt(sp, '.1f'):>12}{r['val_loss']:>10.5f}{r['delta_vs_dense_pct']:>+14.1f}"
               f"{_fmt(r['psnr'], '.2f'):>8}{_fmt(r['ssim'], '.4f'):>8}{_fmt(r['shape_accuracy'], '.2f'):>10}"
               f"{r['seconds']:>9.1f}")
-    from .models.shape_classifier import per_shape_text
+    from .classifier import per_shape_text
 
     for r in results:
         if r["shape_per_shape"]:

@@ -1,4 +1,4 @@
-"""Rectified-flow conventions used everywhere in vidsparse, and an Euler sampler.
+"""The tiny harness's Euler sampler on the rectified-flow conventions of :mod:`vidsparse.training.flow`.
 
 Time runs from data (t = 0) to noise (t = 1)::
 
@@ -20,6 +20,9 @@ from typing import Sequence
 
 import torch
 
+from ..training.flow import (NUM_TRAIN_TIMESTEPS, TIMESTEP_SAMPLING, model_timestep, noisy_sample, predict_velocity,
+                             sample_timesteps, shift_time, velocity_target)
+
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "TIMESTEP_SAMPLING",
@@ -36,75 +39,6 @@ __all__ = [
     "describe_sampler",
 ]
 
-NUM_TRAIN_TIMESTEPS = 1000
-TIMESTEP_SAMPLING = ("logit-normal", "uniform")
-
-
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) matching x's rank."""
-    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-
-
-def noisy_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) * x0 + t * noise. x0, noise: (B, ...); t: (B,) in [0, 1]."""
-    if x0.shape != noise.shape:
-        raise ValueError(f"x0 and noise must have the same shape, got {tuple(x0.shape)} and {tuple(noise.shape)}")
-    if t.dim() != 1 or t.shape[0] != x0.shape[0]:
-        raise ValueError(f"t must be (B,) = ({x0.shape[0]},), got shape {tuple(t.shape)}")
-    tb = _bcast(t, x0)
-    return (1 - tb) * x0 + tb * noise
-
-
-def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The rectified-flow velocity d x_t / d t = noise - x0."""
-    return noise - x0
-
-
-def model_timestep(t: torch.Tensor) -> torch.Tensor:
-    """Flow time t in [0, 1] -> the transformer's ``timestep`` argument (float32, 1000 * t)."""
-    return t.float() * NUM_TRAIN_TIMESTEPS
-
-
-def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Warp times towards noise: ``t' = shift * t / (1 + (shift - 1) * t)`` (identity for shift = 1).
-
-    The warp of SD3 / Wan: redundant signals (high resolution, many similar frames) keep their
-    coarse layout until t is close to 1, so training and sampling should spend more time there.
-    """
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def sample_timesteps(
-    n: int,
-    *,
-    mode: str = "logit-normal",
-    mean: float = 0.0,
-    std: float = 1.0,
-    shift: float = 1.0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Training times t, (n,) float32 in (0, 1).
-
-    ``"logit-normal"``: t = sigmoid(N(mean, std)), which concentrates training on mid-range noise
-    (mean=0, std=1 as in SD3; mean=1.5, std=1.6 is TurboDiffusion's high-noise bias).
-    ``"uniform"``: t ~ U(0, 1). Either is then warped by :func:`shift_time` with ``shift``.
-    ``generator`` must live on ``device``.
-    """
-    if mode not in TIMESTEP_SAMPLING:
-        raise ValueError(f"mode must be one of {TIMESTEP_SAMPLING}, got {mode!r}")
-    if std <= 0:
-        raise ValueError(f"std must be > 0, got {std}")
-    if mode == "uniform":
-        t = torch.rand(n, generator=generator, device=device)
-    else:
-        t = torch.sigmoid(torch.randn(n, generator=generator, device=device) * std + mean)
-    t = shift_time(t, shift)
-    # keep away from exactly 0 / 1 where x_t carries no information about one of the endpoints
-    return t.clamp(1e-5, 1 - 1e-5)
-
 
 def time_grid(steps: int, *, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
     """(steps + 1,) float32 times from 1 to 0 for the sampler.
@@ -116,29 +50,6 @@ def time_grid(steps: int, *, shift: float = 1.0, device: torch.device | str = "c
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     t = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
     return shift_time(t, shift).float()
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    # diffusers keeps some modules in fp32 (norms, time embedder); the projections show the real dtype
-    if hasattr(model, "proj_out"):
-        return model.proj_out.weight.dtype
-    return next(model.parameters()).dtype
-
-
-def predict_velocity(
-    model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond_embeds: torch.Tensor
-) -> torch.Tensor:
-    """One network call: x_t (B, C, T, H, W), t (B,) in [0, 1], cond (B, L, D) -> v (B, C, T, H, W).
-
-    Inputs are cast to the model's dtype; the result is returned in x_t's dtype.
-    """
-    dtype = _model_dtype(model)
-    out = model(
-        hidden_states=x_t.to(dtype),
-        timestep=model_timestep(t),
-        encoder_hidden_states=cond_embeds.to(dtype),
-    ).sample
-    return out.to(x_t.dtype)
 
 
 @torch.no_grad()
@@ -255,7 +166,7 @@ def check_sampler_settings(guidance_scale: float, guidance_interval, eta: float)
 
 
 def resolve_sampler(defaults, *, guidance_scale=None, guidance_interval=None, eta=None, shift=None) -> dict:
-    """``defaults`` (e.g. :func:`vidsparse.models.load_sampling_defaults`) with every argument that is
+    """``defaults`` (e.g. :func:`vidsparse.tiny.load_sampling_defaults`) with every argument that is
     not None in its place, checked by :func:`check_sampler_settings`.
 
     Returns ``{"guidance_scale", "guidance_interval", "eta", "shift"}`` (floats, the interval a

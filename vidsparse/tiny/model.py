@@ -5,11 +5,11 @@ Default configuration (:func:`tiny_wan_config`):
 * input / output (B, 3, 16, 64, 64) RGB video in [-1, 1] (no VAE);
 * patch (1, 4, 4) -> a 16 x 16 x 16 token grid = 4096 tokens, frame-major (t, h, w) order;
 * 5 blocks, 4 heads x head dim 64 (dim 256; our kernels need head dim 64), FFN 1024;
-* cross-attention to the (B, 7, 128) attribute embedding of :mod:`vidsparse.data`;
+* cross-attention to the (B, 7, 128) attribute embedding of :mod:`vidsparse.tiny.data`;
 * 5.9 M parameters, 11.9 MB as fp16 safetensors.
 
-It follows the rectified-flow conventions of :mod:`vidsparse.models.flow` and is trained by
-:mod:`vidsparse.training.pretrain`. diffusers is imported only inside the functions.
+It follows the rectified-flow conventions of :mod:`vidsparse.tiny.flow` and is trained by
+:mod:`vidsparse.tiny.pretrain`. diffusers is imported only inside the functions.
 """
 
 from __future__ import annotations
@@ -136,11 +136,11 @@ def build_tiny_wan(*, seed: int = 0, **overrides: Any) -> "WanTransformer3DModel
 
 
 def default_weights_dir() -> Path:
-    """Where the shipped weights live: ``vidsparse/assets/tiny_wan`` (override with $VIDSPARSE_TINY_WAN)."""
+    """Where the shipped weights live: ``vidsparse/tiny/assets/tiny_wan`` (override with $VIDSPARSE_TINY_WAN)."""
     env = os.environ.get("VIDSPARSE_TINY_WAN")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / "assets" / "tiny_wan"
+    return Path(__file__).resolve().parent / "assets" / "tiny_wan"
 
 
 def load_tiny_wan(
@@ -167,7 +167,7 @@ def load_tiny_wan(
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no diffusers model at {path} (expected config.json and diffusion_pytorch_model.safetensors); "
-            "train one with `python -m vidsparse.training.pretrain` or set $VIDSPARSE_TINY_WAN"
+            "train one with `python -m vidsparse.tiny.pretrain` or set $VIDSPARSE_TINY_WAN"
         )
     model = _wan_class().from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     return model.to(device).eval()
@@ -181,7 +181,7 @@ def load_sampling_defaults(path: str | os.PathLike | None = None) -> dict[str, A
     """Sampler settings saved beside the weights by the trainer (``sampling.json``).
 
     Returns a dict with ``steps``, ``guidance_scale``, ``guidance_interval`` (a (t_lo, t_hi) tuple),
-    ``eta`` and ``shift``: keyword arguments of :func:`vidsparse.models.flow.sample`;
+    ``eta`` and ``shift``: keyword arguments of :func:`vidsparse.tiny.flow.sample`;
     :data:`SAMPLING_DEFAULTS` for missing entries. ``shift`` should match the time shift the model
     was trained with.
     """

@@ -2,7 +2,7 @@
 
 Run it as a module::
 
-    python -m vidsparse.training.pretrain --out runs/tiny_wan --steps auto --time-limit-min 10
+    python -m vidsparse.tiny.pretrain --out runs/tiny_wan --steps auto --time-limit-min 10
 
 (``--steps auto`` times the first steps and then plans as many as fit the wall-clock limit,
 minus ``time_reserve_s`` for the final checkpoint and export.)
@@ -50,11 +50,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import ShapesConfig, make_batch
-from ..models.flow import (TIMESTEP_SAMPLING, check_sampler_settings, describe_sampler, noisy_sample, predict_velocity,
-                           sample_timesteps, velocity_target)
+from .data import ShapesConfig, make_batch
+from ..training.flow import TIMESTEP_SAMPLING, flow_matching_loss, sample_timesteps
+from ..training.optim import make_optimizer, make_scheduler
+from ..utils import hash_seed, resolve_device
+from .flow import check_sampler_settings, describe_sampler
 
-__all__ = ["TrainConfig", "train", "main", "flow_matching_loss", "make_optimizer", "make_scheduler", "EMA"]
+__all__ = ["TrainConfig", "train", "main", "EMA", "list_checkpoints"]
 
 _CKPT_VERSION = 1
 _PRECISIONS = ("auto", "bf16", "fp32")
@@ -77,7 +79,7 @@ class TrainConfig:
         cond_dropout: probability of replacing a clip's condition by zeros (for CFG).
         timesteps, t_mean, t_std: "logit-normal" (t = sigmoid(N(t_mean, t_std))) or "uniform".
         t_shift: warp of the training times towards noise, ``s t / (1 + (s - 1) t)``; exported
-            samples use the same shift (see :func:`vidsparse.models.flow.shift_time`).
+            samples use the same shift (see :func:`vidsparse.tiny.flow.shift_time`).
         seed: model init, data stream and noise seed (0 <= seed < 2**32).
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
@@ -96,10 +98,10 @@ class TrainConfig:
         num_samples, sample_steps, guidance_scale, guidance_interval: the sampler settings of the
             sample strip and shape accuracy at export, saved to ``sampling.json``.
         shape_samples: single-object conditions sampled at export to measure the shape accuracy
-            (:mod:`vidsparse.models.shape_classifier`; 0 = skip).
+            (:mod:`vidsparse.tiny.classifier`; 0 = skip).
         progress: show tqdm progress bars.
         data: the dataset geometry; ``data.text_dim`` must equal the model's ``text_dim``.
-        model_overrides: changes to :func:`vidsparse.models.tiny_wan_config` (tests, ablations).
+        model_overrides: changes to :func:`vidsparse.tiny.model_config` (tests, ablations).
         command: the command line, recorded in the model card.
     """
 
@@ -194,106 +196,8 @@ class TrainConfig:
 # Building blocks (public so fine-tuning code and tests can reuse them)
 
 
-def flow_matching_loss(
-    model: torch.nn.Module, x0: torch.Tensor, cond_embeds: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """Rectified-flow loss: mean squared error between the predicted and true velocity.
-
-    x0, noise: (B, C, T, H, W); cond_embeds: (B, L, D); t: (B,) in (0, 1). Returns a float32 scalar.
-    """
-    x_t = noisy_sample(x0, noise, t)
-    pred = predict_velocity(model, x_t, t, cond_embeds)
-    return F.mse_loss(pred.float(), velocity_target(x0, noise).float())
-
-
-def make_optimizer(
-    model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = False
-) -> torch.optim.AdamW:
-    """AdamW that decays only matrices: biases, norm scales and Wan's modulation tables are exempt."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "scale_shift_table" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    warmup_steps: int,
-    total_steps: int | Callable[[], int | None],
-    min_lr_ratio: float,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak LR, then cosine decay to ``min_lr_ratio`` * peak at ``total_steps``.
-
-    ``total_steps`` may be a callable, read at every step (for ``steps="auto"``, fixed after a
-    short throughput measurement); while it returns None the LR stays at its peak after warm-up.
-    """
-    get_total = total_steps if callable(total_steps) else (lambda: total_steps)
-
-    def factor(step: int) -> float:  # step = optimizer steps already taken
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        total = get_total()
-        if total is None:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class EMA:
-    """Exponential moving average of a model's parameters, kept in a separate float32 copy.
-
-    ``update(model, step)`` uses decay ``min(decay, (1 + step) / (10 + step))`` so the average is
-    not dominated by the random initialisation early on.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        ema = [p for p in self.model.parameters()]
-        cur = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema, cur, 1 - d)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA if available else CPU; otherwise ``torch.device(name)`` (validated)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def _hash_seed(*parts: int) -> int:
-    """Mix integers into a 63-bit seed (stable across runs and platforms)."""
-    h = 0xCBF29CE484222325
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(_hash_seed(*parts))
+    return torch.Generator(device=device).manual_seed(hash_seed(*parts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +288,7 @@ def _validation_loss(model, batch, batch_size: int, amp) -> float:
 
 def _load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy the weights of the saved model in ``path`` into ``model`` (same architecture, fp32)."""
-    from ..models.tiny_wan import load_tiny_wan
+    from .model import load_tiny_wan
 
     init = load_tiny_wan(path)
     if _arch(init) != _arch(model):
@@ -397,7 +301,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns the summary that is also written to summary.json."""
     from tqdm.auto import tqdm
 
-    from ..models.tiny_wan import build_tiny_wan, count_parameters, describe_model, token_grid
+    from .model import build_tiny_wan, count_parameters, describe_model, token_grid
 
     t_start = time.monotonic()
     out = Path(cfg.out)
@@ -639,7 +543,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.export and step > 0:
             summary.update(_export(cfg, ema.model, device, val_batch, amp, summary, out))
     try:
-        from .plots import save_loss_curve
+        from ..training.plots import save_loss_curve
 
         save_loss_curve(log_path, out / "loss_curve.png", title=f"tiny Wan pretraining ({step} steps, batch {cfg.batch_size})")
     except ImportError:  # matplotlib is optional
@@ -679,7 +583,7 @@ def _logged_eval(log_path: Path, step: int) -> bool:
 
 
 def _read_log(path: Path) -> list[dict]:
-    from .plots import read_jsonl
+    from ..training.plots import read_jsonl
 
     return read_jsonl(path)
 
@@ -698,7 +602,7 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
     """Save the EMA weights in fp16, then reload them to measure and sample what is shipped."""
     import diffusers
 
-    from ..models.tiny_wan import fp16_bytes, load_tiny_wan
+    from .model import fp16_bytes, load_tiny_wan
 
     model_dir = out / "model"
     # plain nn.Module.to: diffusers' override warns about fp16 *inference*, irrelevant for storage
@@ -724,7 +628,7 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
         except ImportError:
             pass
     if cfg.shape_samples > 0:
-        from ..evaluate import sample_shape_accuracy
+        from .evaluate import sample_shape_accuracy
 
         judged = sample_shape_accuracy(
             shipped, None, cfg.shape_samples, steps=cfg.sample_steps, seed=cfg.seed, data=cfg.data, device=device,
@@ -734,7 +638,7 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
         result["shape_samples"] = cfg.shape_samples
 
     try:
-        from .plots import save_loss_curve
+        from ..training.plots import save_loss_curve
 
         save_loss_curve(out / "log.jsonl", model_dir / "loss_curve.png", title=f"tiny Wan pretraining ({summary['step']} steps)")
     except ImportError:
@@ -751,9 +655,9 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 def _model_card(cfg: TrainConfig, model, s: dict[str, Any], nbytes: int, diffusers_version: str) -> str:
     mc = dict(model.config)
     d = cfg.data
-    from ..data import BACKGROUNDS, MOTIONS, SHAPES, SPLIT_VOCAB
-    from ..data.shapes import _COLOUR_NAMES
-    from ..models.shape_classifier import per_shape_text
+    from .data import BACKGROUNDS, MOTIONS, SHAPES, SPLIT_VOCAB
+    from .data import _COLOUR_NAMES
+    from .classifier import per_shape_text
 
     def names(kind: str, table) -> str:
         return ", ".join(table[i] for i in SPLIT_VOCAB["train"][kind])
@@ -778,17 +682,17 @@ the repository. It is not a general-purpose video model.
 | input / output | (B, 3, {d.frames}, {d.size}, {d.size}) RGB video in [-1, 1], pixel space, no VAE |
 | patch | {tuple(mc['patch_size'])} -> token grid {tuple(s['token_grid'])} = {s['tokens']} tokens, frame-major (t, h, w) |
 | blocks | {mc['num_layers']}, {mc['num_attention_heads']} heads x head dim {mc['attention_head_dim']}, FFN {mc['ffn_dim']} |
-| condition | (B, {d.seq_len}, {d.text_dim}) attribute-token embedding, `vidsparse.data.embed` |
+| condition | (B, {d.seq_len}, {d.text_dim}) attribute-token embedding, `vidsparse.tiny.data.embed` |
 | parameters | {s['parameters']:,} ({nbytes / 1e6:.2f} MB as fp16; file {s.get('weights_bytes', 0) / 1e6:.2f} MB) |
 | weights | EMA (decay {cfg.ema_decay}) stored in fp16 safetensors |
 
-Conventions (`vidsparse.models.flow`): `x_t = (1 - t) * x0 + t * noise`, the network predicts the
+Conventions (`vidsparse.tiny.flow`): `x_t = (1 - t) * x0 + t * noise`, the network predicts the
 velocity `noise - x0` and receives `timestep = 1000 * t`; sampling runs Euler steps from t = 1 to 0,
 with classifier-free guidance against the all-zero condition.
 
 ```python
-from vidsparse.data import ShapesConfig, conditions_from_text, embed
-from vidsparse.models import load_tiny_wan, sample
+from vidsparse.tiny.data import ShapesConfig, conditions_from_text, embed
+from vidsparse.tiny import load_tiny_wan, sample
 model = load_tiny_wan("path/to/model", device="cuda")
 cond = conditions_from_text(["red disc bouncing, blue square orbiting, striped background"], device="cuda")
 video = sample(model, embed(cond), shape=(3, {d.frames}, {d.size}, {d.size}), steps={cfg.sample_steps},
@@ -798,7 +702,7 @@ video = sample(model, embed(cond), shape=(3, {d.frames}, {d.size}, {d.size}), st
 
 ## Data
 
-`vidsparse.data.shapes` (procedural, rendered on the GPU during training, seed {cfg.seed}): {d.frames}
+`vidsparse.tiny.data` (procedural, rendered on the GPU during training, seed {cfg.seed}): {d.frames}
 frames of {d.size}x{d.size}, 1 to {d.max_objects} objects that move, spin, pulse and occlude each
 other over an animated textured background. Condition tokens: background type, then (shape,
 colour, motion) per object.
@@ -825,7 +729,7 @@ Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation us
 | precision | {s['precision']}{', torch.compile' if cfg.compile else ''} |
 | device | {s['device']} |
 | wall time | {s['wall_time_s'] / 60:.1f} min (mean {_fmt(s['mean_clips_per_s'], '.0f')} clips/s) |
-| command | `{cfg.command or 'vidsparse.training.pretrain.train(...)'}` |
+| command | `{cfg.command or 'vidsparse.tiny.pretrain.train(...)'}` |
 
 ## Results
 
@@ -868,7 +772,7 @@ def _steps_arg(text: str) -> int | str:
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig(out="")
     p = argparse.ArgumentParser(
-        prog="python -m vidsparse.training.pretrain",
+        prog="python -m vidsparse.tiny.pretrain",
         description="Flow-matching pretraining of the tiny Wan video model on synthetic shapes videos.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -918,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
     overrides = {} if args.num_layers is None else {"num_layers": args.num_layers}
-    cmd = "python -m vidsparse.training.pretrain " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    cmd = "python -m vidsparse.tiny.pretrain " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = TrainConfig(
             out=args.out,

@@ -1,17 +1,25 @@
-"""Training code: flow-matching pretraining of the tiny Wan model (:mod:`.pretrain`) and plots.
+"""The model-agnostic trainer: one training loop (:mod:`.loop`), velocity distillation of a sparse
+student (:mod:`.distill`), the rectified-flow maths (:mod:`.flow`), optimizer and schedule
+(:mod:`.optim`) and loss curves (:mod:`.plots`).
 
-Run ``python -m vidsparse.training.pretrain --help`` for the command line. Names are resolved
-lazily so that ``python -m vidsparse.training.pretrain`` does not import the module twice.
+Run ``python -m vidsparse.training.distill --help`` (or ``vidsparse distill``) for the command line.
+Names are resolved lazily so ``python -m vidsparse.training.distill`` does not import it twice.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["TrainConfig", "train", "main", "flow_matching_loss", "make_optimizer", "make_scheduler", "EMA"]
+_WHERE = {
+    "train_loop": ".loop", "LoopConfig": ".loop", "TrainState": ".loop", "StepResult": ".loop",
+    "list_checkpoints": ".loop", "load_checkpoint": ".loop",
+    "DataSource": ".distill", "DistillConfig": ".distill", "distill": ".distill", "train_student": ".distill",
+    "make_optimizer": ".optim", "make_scheduler": ".optim", "flow_matching_loss": ".flow",
+}
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        return getattr(importlib.import_module(".pretrain", __name__), name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

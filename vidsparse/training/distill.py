@@ -58,10 +58,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import ShapesConfig, make_batch
-from ..models.flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample_timesteps, velocity_target
+from ..tiny.data import ShapesConfig, make_batch
+from .flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample_timesteps, velocity_target
 from ..maskers.token_order import TOKEN_ORDERS
-from .pretrain import (
+from ..tiny.pretrain import (
     _arch,
     _changed_hyperparameters,
     _checkpoint_dir,
@@ -73,10 +73,9 @@ from .pretrain import (
     _save_checkpoint,
     _truncate_log,
     list_checkpoints,
-    make_optimizer,
-    make_scheduler,
-    resolve_device,
 )
+from .optim import make_optimizer, make_scheduler
+from ..utils import resolve_device
 
 __all__ = [
     "DistillConfig",
@@ -118,7 +117,7 @@ class DistillConfig:
         distill_weight, diffusion_weight: weights of the velocity-distillation loss and of the
             flow-matching (diffusion) loss; at least one must be > 0. With distill_weight = 0 the
             teacher is never run and ``vd_loss`` is not logged.
-        timesteps, t_mean, t_std, t_shift: see :func:`vidsparse.models.flow.sample_timesteps`.
+        timesteps, t_mean, t_std, t_shift: see :func:`vidsparse.tiny.flow.sample_timesteps`.
         trainable: "all" parameters, "attention" (only ``attn1`` / ``attn2`` of every block) or
             "lora" (peft LoRA adapters on ``lora_targets``; the base weights stay frozen).
         lora_rank, lora_alpha: LoRA rank r and scaling alpha (None = r, i.e. scale 1).
@@ -375,12 +374,12 @@ def distill_loss(
 
 def _load_model(path: str | None) -> torch.nn.Module:
     """The model to distil, in float32 on the CPU; errors name ``--model`` and the path."""
-    from ..models.tiny_wan import default_weights_dir, load_tiny_wan
+    from ..tiny.model import default_weights_dir, load_tiny_wan
 
     where = Path(path) if path is not None else default_weights_dir()
     has_weights = (where / "config.json").is_file() and any(where.glob("*.safetensors"))
     if not has_weights:
-        hint = "" if path is not None else " (the embedded tiny model has not been trained yet: run `python -m vidsparse.training.pretrain`)"
+        hint = "" if path is not None else " (the embedded tiny model has not been trained yet: run `python -m vidsparse.tiny.pretrain`)"
         raise FileNotFoundError(
             f"--model {where}: no diffusers checkpoint there (expected config.json and *.safetensors){hint}"
         )
@@ -423,7 +422,7 @@ def _run(cfg: DistillConfig, model: torch.nn.Module | None, keep_student: bool) 
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    from ..models.tiny_wan import count_parameters, token_grid
+    from ..tiny.model import count_parameters, token_grid
 
     t_start = time.monotonic()
     rank, world, local_rank = _dist_info()
