@@ -9,12 +9,13 @@ gone in Triton 3.9):
 * ``_fwd_tma_kernel``: the same forward with Q, K, V and O moved by TMA tensor descriptors. The
   default for bf16/fp16 on GPUs of compute capability >= 9.0 with 16-byte aligned strides: on an
   H100 it ran the 95%-sparse forward 1.28-1.32x and the dense one 1.20x faster than ``_fwd_kernel``
-  (``benchmarks/kernel_variants.py``, docs/results.md §2e). ``VIDSPARSE_TMA=0`` turns both TMA
+  (``benchmarks/kernel_variants.py``; docs/benchmarks.md §1e). ``VIDSPARSE_TMA=0`` turns both TMA
   kernels off; ``1`` also uses them under the interpreter (tests).
 * ``_bwd_delta_kernel``: delta = rowsum(O * dO), in fp32.
 * ``_bwd_dkdv_kernel``: one program per (key tile, batch*head), walking the query blocks that keep
   its key block (the mask's transposed table); accumulates dK and dV. Deterministic, no atomics
-  (adding dQ here with fp32 atomics instead of a dQ pass was 1.46x slower on an H100, §2e).
+  (adding dQ here with fp32 atomics instead of a dQ pass made the backward 1.46x slower on an
+  H100, 1.3B shape, dense and 95%: the atomics cost more than the recomputed QK^T saves).
 * ``_bwd_dq_kernel``: one program per (query tile, batch*head), walking the kept key blocks.
 * ``_bwd_dkdv_tma_kernel``: the dK/dV pass through tensor descriptors, used where
   ``_fwd_tma_kernel`` is.
@@ -93,14 +94,14 @@ def _configs(options):
 # Key tiles stay one mask block wide, walked with a scalar block index. A variant that gathered
 # two non-adjacent 64-key blocks into one 128-wide tile (per-element key indices) ran the dense
 # forward 1.4x slower than this loop (23.1 ms on an H100 vs 16.4 ms on an H200 the run before;
-# cuDNN 11.2 vs 11.6 ms there), so it was dropped. docs/results.md has the measurements.
+# cuDNN 11.2 vs 11.6 ms there), so it was dropped.
 # Peeling the ragged tail block off the key loop (unmasked loop, one masked step) made no
 # difference dense and was 13% slower at 95% sparsity (H100, 1.026 vs 0.905 ms, same run, twice),
 # so every step keeps its key mask. Nsight Compute: 186-232 registers per thread -> one 8-warp CTA
-# per SM (12.5% occupancy), 37% SM / 34-36% memory throughput: latency-bound (docs/results.md).
+# per SM (12.5% occupancy), 37% SM / 34-36% memory throughput: latency-bound.
 _FWD_OPTIONS = [({}, 8, 3), ({}, 4, 3), ({}, 8, 2), ({}, 4, 2), ({}, 8, 4)]
-# Backward options, the default first: docs/results.md §2d has the sweep (H100, 1.3B shape) that
-# ordered them. dK/dV: 32-row query steps without software pipelining (num_stages=1) were 1.49x
+# Backward options, the default first, ordered by a sweep of every kernel alone over 24 configs
+# (``benchmarks/bwd_sweep.py``; H100, 1.3B shape, bf16, 128x64 blocks). dK/dV: 32-row query steps without software pipelining (num_stages=1) were 1.49x
 # faster than the next best at 95% sparsity and 1.35x dense. dQ: 128-row programs with 8 warps and
 # 3 stages were 7% faster than 64 rows / 4 warps / 2 stages, but overflow shared memory for 64x128
 # mask blocks; the autotuner skips such configs, the single default (VIDSPARSE_AUTOTUNE=0) cannot.
@@ -343,7 +344,7 @@ def _bwd_dkdv_kernel(
 
 
 # TMA variant of the dK/dV pass (with the TMA forward): 32 query rows per step, the shape the
-# sweep of docs/results.md §2d found fastest for the pointer kernel; the autotuner picked 4 warps
+# backward sweep above found fastest for the pointer kernel; the autotuner picked 4 warps
 # / 3 stages on an H100 (1.3B shape, dense and 95%), so that is the default.
 _DKDV_TMA_OPTIONS = [({}, 4, 3), ({}, 4, 1), ({}, 4, 2), ({}, 8, 1)]
 
