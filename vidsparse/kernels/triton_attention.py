@@ -101,10 +101,11 @@ def _configs(options):
 # per SM (12.5% occupancy), 37% SM / 34-36% memory throughput: latency-bound.
 _FWD_OPTIONS = [({}, 8, 3), ({}, 4, 3), ({}, 8, 2), ({}, 4, 2), ({}, 8, 4)]
 # Backward options, the default first, ordered by a sweep of every kernel alone over 24 configs
-# (``benchmarks/bwd_sweep.py``; H100, 1.3B shape, bf16, 128x64 blocks). dK/dV: 32-row query steps without software pipelining (num_stages=1) were 1.49x
-# faster than the next best at 95% sparsity and 1.35x dense. dQ: 128-row programs with 8 warps and
-# 3 stages were 7% faster than 64 rows / 4 warps / 2 stages, but overflow shared memory for 64x128
-# mask blocks; the autotuner skips such configs, the single default (VIDSPARSE_AUTOTUNE=0) cannot.
+# (``benchmarks/bwd_sweep.py``; H100, 1.3B shape, bf16, 128x64 blocks). dK/dV: 32-row query
+# steps without software pipelining (num_stages=1) were 1.49x faster than the next best at 95%
+# sparsity and 1.35x dense. dQ: 128-row programs with 8 warps and 3 stages were 7% faster than
+# 64 rows / 4 warps / 2 stages, but overflow shared memory for 64x128 mask blocks; the autotuner
+# skips such configs, the single default (VIDSPARSE_AUTOTUNE=0) cannot.
 _DQ_OPTIONS = [({"SUB_M": 64}, 4, 2), ({"SUB_M": 128}, 8, 3), ({"SUB_M": 128}, 8, 4), ({"SUB_M": 128}, 8, 2)]
 _DKDV_OPTIONS = [({"SUB_M": 32}, 4, 1), ({"SUB_M": 16}, 4, 1), ({"SUB_M": 32}, 2, 1), ({"SUB_M": 64}, 4, 3),
                  ({"SUB_M": 64}, 4, 1)]
