@@ -145,9 +145,9 @@ def test_block_sizes_must_be_powers_of_two_at_least_16(bad):
 # -------------------------------------------------------------------------------------- mask
 def test_mask_must_be_a_vidsparse_blockmask():
     q, k, v = _qkv()
-    with pytest.raises(TypeError, match="mask must be a vidsparse.BlockMask, got Tensor"):
+    with pytest.raises(TypeError, match="mask must be a vidsparse.BlockMask or MaskPlan, got Tensor"):
         block_sparse_attention(q, k, v, _full().dense)
-    with pytest.raises(TypeError, match="mask must be a vidsparse.BlockMask, got BlockMask"):
+    with pytest.raises(TypeError, match="mask must be a vidsparse.BlockMask or MaskPlan, got BlockMask"):
         block_sparse_attention(q, k, v, _full().to_flex())  # FlexAttention's own class
 
 
@@ -172,7 +172,8 @@ def test_mask_batch_and_heads_must_broadcast(qbh, mbh):
     q, k, v = _qkv(b=qbh[0], h=qbh[1])
     with pytest.raises(
         ValueError,
-        match=rf"mask has batch={mbh[0]}, heads={mbh[1]}; expected batch 1 or {qbh[0]} and heads 1 or {qbh[1]}",
+        match=rf"mask has batch={mbh[0]}, heads={mbh[1]} but q has batch={qbh[0]}, heads={qbh[1]}; the mask's batch "
+              rf"must be {'1' if qbh[0] == 1 else f'1 or {qbh[0]}'} and its heads 1 or {qbh[1]}",
     ):
         block_sparse_attention(q, k, v, _full(b=mbh[0], h=mbh[1]))
 

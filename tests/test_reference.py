@@ -187,9 +187,11 @@ def test_chunked_path_gives_the_same_results(monkeypatch):
 
 def test_sparse_attention_is_masker_plus_block_sparse_attention():
     q, k, v = _qkv(2, 2, 130, 100, 16, torch.float32, seed=10)
-    o, lse, mask = vidsparse.sparse_attention(
-        q, k, v, topk=0.2, topp=0.4, block_q=32, block_k=16, return_lse=True, return_mask=True, backend="reference"
+    o, lse, plan = vidsparse.sparse_attention(
+        q, k, v, topk=0.2, topp=0.4, block_q=32, block_k=16, return_lse=True, return_plan=True, backend="reference"
     )
+    assert plan.perm is None  # raster order: the plan's mask is in the caller's order
+    mask = plan.mask
     expected_mask = vidsparse.hybrid_block_mask(q, k, topk=0.2, topp=0.4, block_q=32, block_k=16)
     assert torch.equal(mask.dense, expected_mask.dense)
     o2, lse2 = vidsparse.block_sparse_attention(q, k, v, expected_mask, backend="reference", return_lse=True)

@@ -95,3 +95,101 @@ def test_nan_in_a_kept_block_stays_in_the_rows_that_keep_it(backend):
     assert o[0, 0, :16].isnan().all() and torch.isfinite(o[0, 0, 16:]).all()
     assert dq[0, 0, :16].isnan().any() and torch.isfinite(dq[0, 0, 16:]).all()
     assert torch.isfinite(dk[0, 0, 16:]).all() and torch.isfinite(dv[0, 0, 16:]).all()
+
+
+# ------------------------------------------------------------------ masks cannot change behind their back
+def test_editing_the_callers_block_map_does_not_change_the_mask():
+    dense = torch.zeros(1, 1, 4, 8, dtype=torch.bool)
+    mask = BlockMask.from_dense(dense, block_q=16, block_k=16, q_len=64, k_len=128)
+    dense.fill_(True)  # after construction
+    assert not mask.dense.any()
+    assert int(mask.kv_counts.sum()) == 0
+
+
+def test_editing_the_callers_index_table_does_not_change_the_mask():
+    idx = torch.tensor([[[[0, 1], [2, 3]]]], dtype=torch.int32)
+    cnt = torch.tensor([[[1, 2]]], dtype=torch.int32)
+    mask = BlockMask.from_indices(idx, cnt, block_q=16, block_k=16, q_len=32, k_len=64)
+    idx.zero_()
+    cnt.fill_(2)
+    assert mask.dense[0, 0].tolist() == [[True, False, False, False], [False, False, True, True]]
+
+
+@pytest.mark.parametrize("view", ["dense", "kv_indices", "kv_counts"])
+def test_editing_a_view_in_place_is_caught_at_the_next_use(view):
+    mask = BlockMask.from_dense(torch.eye(4, dtype=torch.bool), block_q=16, block_k=16, q_len=64, k_len=64)
+    getattr(mask, view).zero_()
+    with pytest.raises(RuntimeError, match="edited in place"):
+        mask.dense  # noqa: B018
+    q = torch.randn(1, 1, 64, 8)
+    with pytest.raises(RuntimeError, match="masks are immutable"):
+        vidsparse.block_sparse_attention(q, q, q, mask, backend="gather")
+
+
+def test_an_inference_mode_mask_still_works():
+    with torch.inference_mode():
+        mask = BlockMask.from_dense(torch.eye(2, dtype=torch.bool), block_q=16, block_k=16, q_len=32, k_len=32)
+        assert mask.kv_counts.tolist() == [[[1, 1]]]
+
+
+def test_a_copied_or_pickled_mask_is_the_same_mask():
+    mask = BlockMask.from_dense(torch.eye(3, dtype=torch.bool), block_q=16, block_k=32, q_len=48, k_len=96)
+    mask.kv_indices  # noqa: B018  (caches built before copying must not confuse the copy)
+    for other in (copy.deepcopy(mask), pickle.loads(pickle.dumps(mask))):
+        assert torch.equal(other.dense, mask.dense) and torch.equal(other.kv_counts, mask.kv_counts)
+
+
+def test_from_indices_range_checks_before_the_int32_cast():
+    idx = torch.tensor([[[[2**32 + 3]]]], dtype=torch.int64)  # would wrap to 3 in int32
+    with pytest.raises(ValueError, match=r"kv_indices must lie in \[0, 4\)"):
+        BlockMask.from_indices(idx, torch.ones(1, 1, 1, dtype=torch.int64), block_q=16, block_k=16, q_len=16, k_len=64)
+    with pytest.raises(ValueError, match=r"kv_counts must lie in \[0, 1\]"):
+        BlockMask.from_indices(torch.zeros(1, 1, 1, 1, dtype=torch.int64), torch.full((1, 1, 1), 2**32 + 1),
+                               block_q=16, block_k=16, q_len=16, k_len=64)
+
+
+# ------------------------------------------------------------------ a sentence, not a traceback
+@pytest.mark.parametrize("arg,value,err", [("heads", -1, ValueError), ("heads", 0, ValueError),
+                                           ("batch", 0, ValueError), ("batch", -2, ValueError),
+                                           ("heads", 1.5, TypeError), ("batch", True, TypeError)])
+def test_full_rejects_bad_batch_and_heads(arg, value, err):
+    with pytest.raises(err, match=rf"{arg} must be a positive int"):
+        BlockMask.full(block_q=16, block_k=16, q_len=32, k_len=32, **{arg: value})
+
+
+def test_zero_heads_is_named_where_it_happens():
+    q = torch.randn(1, 0, 32, 16)
+    with pytest.raises(ValueError, match=r"q, k, v have no heads"):
+        vidsparse.block_sparse_attention(q, q, q, BlockMask.full(block_q=16, block_k=16, q_len=32, k_len=32))
+    with pytest.raises(ValueError, match=r"batch >= 1 and heads >= 1"):
+        BlockMask.from_dense(torch.ones(1, 0, 2, 2, dtype=torch.bool), block_q=16, block_k=16, q_len=32, k_len=32)
+
+
+def test_mask_broadcast_message_states_what_fits():
+    q = torch.randn(1, 2, 32, 16)
+    mask = BlockMask.full(block_q=16, block_k=16, q_len=32, k_len=32, heads=3)
+    with pytest.raises(ValueError, match=r"mask has batch=1, heads=3 but q has batch=1, heads=2; the mask's "
+                                         r"batch must be 1 and its heads 1 or 2"):
+        vidsparse.block_sparse_attention(q, q, q, mask)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--sparsities", "abc"], "--sparsities"), (["--sparsities", "0.5,1"], "--sparsities"),
+                                       (["--block-q", "48"], "--block-q"), (["--heads", "0"], "--heads")])
+def test_bench_rejects_bad_values_with_exit_2(argv, flag, capsys):
+    from vidsparse import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["attention", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", ("reference", "gather", "flex"))
+@pytest.mark.parametrize("dtype,lse_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float32),
+                                             (torch.float64, torch.float64)])
+def test_lse_dtype_is_float32_except_for_float64_inputs(backend, dtype, lse_dtype):
+    q = torch.randn(1, 1, 32, 16, dtype=dtype)
+    mask = BlockMask.full(block_q=16, block_k=16, q_len=32, k_len=32)
+    _, lse = vidsparse.block_sparse_attention(q, q, q, mask, backend=backend, return_lse=True)
+    assert lse.dtype == lse_dtype

@@ -44,6 +44,9 @@ def to_bhnd(
             "q and k must agree on batch, heads and head_dim (BHND order): "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        which = "batch" if q.shape[0] == 0 else "heads"
+        raise ValueError(f"q, k, v have no {which} (BHND shape {tuple(q.shape)}); batch and heads must be >= 1")
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[3] == 0:
         raise ValueError(f"empty sequence or head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
     return q, k, v
@@ -61,7 +64,11 @@ def check_mask(mask: BlockMask, q: torch.Tensor, k: torch.Tensor) -> None:
         )
     mb, mh = mask.shape[:2]
     if mb not in (1, b) or mh not in (1, h):
-        raise ValueError(f"mask has batch={mb}, heads={mh}; expected batch 1 or {b} and heads 1 or {h}")
+        want = lambda n: "1" if n == 1 else f"1 or {n}"  # noqa: E731
+        raise ValueError(
+            f"mask has batch={mb}, heads={mh} but q has batch={b}, heads={h}; the mask's batch must be "
+            f"{want(b)} and its heads {want(h)} (1 broadcasts)"
+        )
     if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
 

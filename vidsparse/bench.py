@@ -177,13 +177,31 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _sparsity_list(text: str) -> list[float]:
+    """argparse type of --sparsities: comma-separated fractions in [0, 1)."""
+    values = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1), got {item.strip()!r}") from None
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"values must lie in [0, 1), got {item.strip()}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one sparsity")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vidsparse bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("attention", help="kernel benchmark against cuDNN, FlashAttention-2 and FlexAttention")
     p.add_argument("--shape", choices=sorted(SHAPES), default="wan1.3b-480p")
     p.add_argument("--heads", type=int, default=None, help="override the head count (e.g. fewer for the 14B shape)")
-    p.add_argument("--sparsities", default="0,0.5,0.8,0.9,0.95,0.97",
+    p.add_argument("--sparsities", type=_sparsity_list, default="0,0.5,0.8,0.9,0.95,0.97",
                    help="comma-separated target sparsities (fractions of skipped blocks)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--no-backward", action="store_true", help="forward only")
@@ -194,10 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
 
-    sparsities = [float(x) for x in args.sparsities.split(",") if x.strip()]
-    for s in sparsities:
-        if not 0.0 <= s < 1.0:
-            parser.error(f"--sparsities values must lie in [0, 1), got {s}")
+    for flag, value in (("--heads", args.heads), ("--rep-ms", args.rep_ms)):
+        if value is not None and value < 1:
+            p.error(f"argument {flag}: must be >= 1, got {value}")
+    for flag, value in (("--block-q", args.block_q), ("--block-k", args.block_k)):
+        if value < 16 or value & (value - 1):
+            p.error(f"argument {flag}: must be a power of two >= 16, got {value}")
+    sparsities = args.sparsities
     result = bench_attention(
         shape=args.shape, heads=args.heads, sparsities=sparsities, dtype_name=args.dtype,
         backward=not args.no_backward, flex=not args.no_flex, rep_ms=args.rep_ms,

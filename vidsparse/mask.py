@@ -13,6 +13,13 @@ Two equivalent views are kept, each derived lazily from the other:
   Entries past the count are padding (their value is unspecified). This is what kernels read.
 
 B and H may be 1 to broadcast over the batch and heads of q/k/v.
+
+A mask is immutable and owns its storage: the public constructors copy the tensors they are given
+(a block map is small: one bool per block pair), so editing the caller's tensor afterwards changes
+nothing, and the tensors a mask hands out must not be edited in place. An in-place edit of them
+is detected (through the tensors' version counters) and the next use of the mask raises
+``RuntimeError`` instead of letting the two views disagree. Internal code that builds a fresh
+tensor for one mask hands it over without a copy (``BlockMask._adopt``).
 """
 
 from __future__ import annotations
@@ -38,12 +45,43 @@ def check_block_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
+def _check_positive_int(name: str, val) -> None:
+    if isinstance(val, bool) or not isinstance(val, int):
+        raise TypeError(f"{name} must be a positive int, got {type(val).__name__} {val!r}")
+    if val < 1:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
 def _check_geometry(block_q, block_k, q_len, k_len) -> None:
     check_block_size("block_q", block_q)
     check_block_size("block_k", block_k)
     for name, val in (("q_len", q_len), ("k_len", k_len)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+def _check_batch_heads(what: str, shape) -> None:
+    """A mask covers at least one batch element and one head (1 broadcasts; 0 covers nothing)."""
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(
+            f"{what} must have batch >= 1 and heads >= 1 (1 broadcasts), got shape {tuple(shape)}"
+        )
+
+
+def _check_kv_range(idx: torch.Tensor, cnt: torch.Tensor, nkb: int) -> None:
+    """Counts in [0, W] and the used indices in [0, nkb), checked in the caller's integer dtype
+    (before any cast: int64 2**32 + 3 must not pass as 3)."""
+    w = idx.shape[-1]
+    if bool((cnt < 0).any()) or bool((cnt > w).any()):
+        raise ValueError(f"kv_counts must lie in [0, {w}] (the width of kv_indices)")
+    used = idx[torch.arange(w, device=idx.device) < cnt[..., None]]
+    if used.numel() and (bool((used < 0).any()) or bool((used >= nkb).any())):
+        raise ValueError(f"kv_indices must lie in [0, {nkb}) (key blocks)")
+
+
+def _version(t: torch.Tensor) -> int | None:
+    # inference-mode tensors keep no version counter (and cannot be edited outside that mode)
+    return None if t.is_inference() else t._version
 
 
 def _dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +113,7 @@ class BlockMask:
             that keep each key block, used by backward kernels.
     """
 
-    __slots__ = ("block_q", "block_k", "q_len", "k_len", "_dense", "_kv", "_kv_normalised", "__dict__")
+    __slots__ = ("block_q", "block_k", "q_len", "k_len", "_dense", "_kv", "_kv_normalised", "_frozen", "__dict__")
 
     def __init__(
         self,
@@ -88,13 +126,19 @@ class BlockMask:
         kv_indices: torch.Tensor | None = None,
         kv_counts: torch.Tensor | None = None,
         _kv_normalised: bool = False,
+        _owned: bool = False,
     ):
+        # _kv_normalised: the table comes from one of our maskers (sorted, duplicate-free, built
+        # for this mask): taken as is. _owned: the tensors were built for this mask: no copy.
         _check_geometry(block_q, block_k, q_len, k_len)
         self.block_q, self.block_k, self.q_len, self.k_len = block_q, block_k, q_len, k_len
+        owned = _owned or _kv_normalised
         nqb, nkb = self.num_q_blocks, self.num_k_blocks
         if dense is None and kv_indices is None:
             raise ValueError("BlockMask needs either dense or kv_indices/kv_counts")
         if dense is not None:
+            if not isinstance(dense, torch.Tensor):
+                raise TypeError(f"dense block map must be a torch.Tensor, got {type(dense).__name__}")
             if dense.dtype != torch.bool:
                 raise TypeError(f"dense block map must be torch.bool, got {dense.dtype}")
             if dense.dim() != 4 or tuple(dense.shape[-2:]) != (nqb, nkb):
@@ -102,9 +146,15 @@ class BlockMask:
                     f"dense block map must have shape (B, H, {nqb}, {nkb}) for q_len={q_len}, "
                     f"k_len={k_len}, block_q={block_q}, block_k={block_k}; got {tuple(dense.shape)}"
                 )
+            _check_batch_heads("dense block map", dense.shape)
+            if not owned:
+                dense = dense.clone()
         if kv_indices is not None:
             if kv_counts is None:
                 raise ValueError("kv_indices needs kv_counts")
+            for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if kv_indices.dtype not in (torch.int32, torch.int64) or kv_counts.dtype not in (
                 torch.int32,
                 torch.int64,
@@ -118,20 +168,62 @@ class BlockMask:
                 raise ValueError(
                     f"kv_counts must have shape {tuple(kv_indices.shape[:3])}, got {tuple(kv_counts.shape)}"
                 )
-            kv_indices, kv_counts = kv_indices.to(torch.int32), kv_counts.to(torch.int32)
+            _check_batch_heads("kv_indices", kv_indices.shape)
+            if not _kv_normalised:
+                _check_kv_range(kv_indices, kv_counts, nkb)  # a user's table: fail here, before the cast
+            kv_indices = kv_indices.to(torch.int32, copy=not owned)
+            kv_counts = kv_counts.to(torch.int32, copy=not owned)
         self._dense = dense
         self._kv = None if kv_indices is None else (kv_indices, kv_counts)
         # a table from our own maskers is already sorted and duplicate-free; a user's is normalised
         self._kv_normalised = _kv_normalised or dense is not None
-        if self._kv is not None and not self._kv_normalised:
-            self._check_kv_table()  # a user's table: fail here, not at first use
+        self._frozen: list = []
+        for t in (dense, kv_indices, kv_counts):
+            if t is not None:
+                self._freeze(t)
+
+    def _freeze(self, t: torch.Tensor) -> torch.Tensor:
+        """Record ``t`` as part of this mask's storage (an in-place edit is detected later)."""
+        self._frozen.append((t, _version(t)))
+        return t
+
+    def _verify(self) -> None:
+        for t, version in self._frozen:
+            if version is not None and t._version != version:
+                raise RuntimeError(
+                    "a BlockMask's tensor was edited in place after the mask was built; masks are "
+                    "immutable: build a new one, e.g. BlockMask.from_dense(edited, ...) from "
+                    "mask.dense.clone()"
+                )
+
+    # pickling and copy.deepcopy: the copy's tensors are new objects with their own version
+    # counters, so only the storage travels and the copy records its tensors afresh
+    def __getstate__(self) -> dict:
+        return {"block_q": self.block_q, "block_k": self.block_k, "q_len": self.q_len, "k_len": self.k_len,
+                "_dense": self._dense, "_kv": self._kv, "_kv_normalised": self._kv_normalised}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._frozen = []
+        for t in (self._dense, *(self._kv or ())):
+            if t is not None:
+                self._freeze(t)
+
+    @classmethod
+    def _adopt(cls, dense: torch.Tensor, *, block_q: int, block_k: int, q_len: int, k_len: int) -> "BlockMask":
+        """Internal: a mask over a bool map built for it alone (checked, not copied). For maskers."""
+        return cls(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, dense=dense, _owned=True)
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
     def from_dense(
         cls, block_map: torch.Tensor, *, block_q: int, block_k: int, q_len: int, k_len: int
     ) -> "BlockMask":
-        """From a boolean block map of shape (B, H, NQB, NKB) (or (NQB, NKB), broadcast)."""
+        """From a boolean block map of shape (B, H, NQB, NKB) (or (NQB, NKB), broadcast).
+
+        The map is copied: editing ``block_map`` afterwards does not change the mask.
+        """
         if not isinstance(block_map, torch.Tensor):
             raise TypeError(f"block_map must be a torch.Tensor, got {type(block_map).__name__}")
         if block_map.dim() == 2:
@@ -150,7 +242,11 @@ class BlockMask:
         q_len: int,
         k_len: int,
     ) -> "BlockMask":
-        """From an index table (B, H, NQB, W) and counts (B, H, NQB); indices need not be sorted."""
+        """From an index table (B, H, NQB, W) and counts (B, H, NQB); indices need not be sorted.
+
+        int32 or int64; the used entries are range-checked in their own dtype before the table is
+        stored (copied) as int32.
+        """
         return cls(
             block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len,
             kv_indices=kv_indices, kv_counts=kv_counts,
@@ -161,11 +257,13 @@ class BlockMask:
         cls, *, block_q: int, block_k: int, q_len: int, k_len: int, batch: int = 1, heads: int = 1,
         device: torch.device | str | None = None,
     ) -> "BlockMask":
-        """A mask that keeps every block (dense attention)."""
+        """A mask that keeps every block (dense attention); ``batch``, ``heads`` >= 1."""
         _check_geometry(block_q, block_k, q_len, k_len)  # before the sizes are used below
+        _check_positive_int("batch", batch)
+        _check_positive_int("heads", heads)
         nqb, nkb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
         dense = torch.ones(batch, heads, nqb, nkb, dtype=torch.bool, device=device)
-        return cls(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, dense=dense)
+        return cls(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, dense=dense, _owned=True)
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -186,10 +284,19 @@ class BlockMask:
     def device(self) -> torch.device:
         return (self._dense if self._dense is not None else self._kv[0]).device
 
-    @cached_property
+    @property
     def dense(self) -> torch.Tensor:
+        """(B, H, NQB, NKB) bool, True where the block pair is computed. Read only."""
+        self._verify()
+        return self._dense_view
+
+    @cached_property
+    def _dense_view(self) -> torch.Tensor:
         if self._dense is not None:
             return self._dense
+        return self._freeze(self._dense_from_kv())
+
+    def _dense_from_kv(self) -> torch.Tensor:
         idx, cnt = self._kv
         b, h, nqb, w = idx.shape
         valid = torch.arange(w, device=idx.device) < cnt[..., None]
@@ -199,40 +306,39 @@ class BlockMask:
         out.scatter_(-1, target, True)
         return out[..., : self.num_k_blocks].contiguous()
 
-    def _check_kv_table(self) -> None:
-        idx, cnt = self._kv
-        w = idx.shape[-1]
-        if bool((cnt < 0).any()) or bool((cnt > w).any()):
-            raise ValueError(f"kv_counts must lie in [0, {w}] (the width of kv_indices)")
-        used = idx[torch.arange(w, device=idx.device) < cnt[..., None]]
-        if used.numel() and (bool((used < 0).any()) or bool((used >= self.num_k_blocks).any())):
-            raise ValueError(f"kv_indices must lie in [0, {self.num_k_blocks}) (key blocks)")
-
     @cached_property
     def _kv_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kv is not None and self._kv_normalised:
             return self._kv
         # no table yet, or a user's table: sort and deduplicate it through the dense view
-        return _dense_to_indices(self.dense)
+        idx, cnt = _dense_to_indices(self.dense)
+        return self._freeze(idx), self._freeze(cnt)
 
     @property
     def kv_indices(self) -> torch.Tensor:
+        """(B, H, NQB, W) int32, kept key blocks per query block, ascending. Read only."""
+        self._verify()
         return self._kv_table[0]
 
     @property
     def kv_counts(self) -> torch.Tensor:
+        """(B, H, NQB) int32, valid entries of :attr:`kv_indices`. Read only."""
+        self._verify()
         return self._kv_table[1]
 
     @cached_property
     def _q_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _dense_to_indices(self.dense.transpose(-1, -2))
+        idx, cnt = _dense_to_indices(self.dense.transpose(-1, -2))
+        return self._freeze(idx), self._freeze(cnt)
 
     @property
     def q_indices(self) -> torch.Tensor:
+        self._verify()
         return self._q_table[0]
 
     @property
     def q_counts(self) -> torch.Tensor:
+        self._verify()
         return self._q_table[1]
 
     # ---------------------------------------------------------------------------------- methods
@@ -269,9 +375,10 @@ class BlockMask:
         return sizes
 
     def to(self, device: torch.device | str) -> "BlockMask":
+        # .to() on the same device returns the same tensor: sharing is safe, both are immutable
         return BlockMask(
             block_q=self.block_q, block_k=self.block_k, q_len=self.q_len, k_len=self.k_len,
-            dense=self.dense.to(device),
+            dense=self.dense.to(device), _owned=True,
         )
 
     def expand(self, batch: int, heads: int) -> "BlockMask":
@@ -283,7 +390,7 @@ class BlockMask:
             return self
         return BlockMask(
             block_q=self.block_q, block_k=self.block_k, q_len=self.q_len, k_len=self.k_len,
-            dense=self.dense.expand(batch, heads, -1, -1),
+            dense=self.dense.expand(batch, heads, -1, -1), _owned=True,
         )
 
     def token_mask(self, q_slice: slice | None = None) -> torch.Tensor:
@@ -351,4 +458,4 @@ class BlockMask:
         q_len, k_len = flex_mask.seq_lengths
         dense = flex_mask.to_dense().bool()
         nqb, nkb = num_blocks(q_len, bq), num_blocks(k_len, bk)
-        return cls.from_dense(dense[..., :nqb, :nkb].contiguous(), block_q=bq, block_k=bk, q_len=q_len, k_len=k_len)
+        return cls.from_dense(dense[..., :nqb, :nkb], block_q=bq, block_k=bk, q_len=q_len, k_len=k_len)
