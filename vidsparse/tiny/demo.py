@@ -523,6 +523,7 @@ class _MaskCapture:
             return
         video = info.get("video_mask")
         video = mask if video is None else video
+        video = getattr(video, "mask", video)  # a MaskPlan: its BlockMask (the demo's masks are in raster order)
         step = info.get("step")
         step = len(self._by_step) if step is None else int(step)
         # sample 0: with classifier-free guidance the batch is [conditional; unconditional]
