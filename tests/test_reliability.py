@@ -193,3 +193,27 @@ def test_lse_dtype_is_float32_except_for_float64_inputs(backend, dtype, lse_dtyp
     mask = BlockMask.full(block_q=16, block_k=16, q_len=32, k_len=32)
     _, lse = vidsparse.block_sparse_attention(q, q, q, mask, backend=backend, return_lse=True)
     assert lse.dtype == lse_dtype
+
+
+# ------------------------------------------------------------------ optional dependencies
+def test_require_names_the_extra_to_install(monkeypatch):
+    from vidsparse._optional import MissingDependencyError, require
+
+    assert require("json", "video").dumps(1) == "1"
+    monkeypatch.setitem(__import__("sys").modules, "torchmetrics", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r"'torchmetrics'.*pip install 'vidsparse\[video\]'") as err:
+        require("torchmetrics", "video")
+    assert isinstance(err.value, ImportError)
+
+
+def test_patch_without_diffusers_says_which_extra(monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "import torch, vidsparse\n"
+            "try:\n    vidsparse.patch(torch.nn.Linear(2, 2))\n"
+            "except ImportError as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip() == ("MissingDependencyError vidsparse needs the optional package 'diffusers' here, which is "
+                           "not installed: pip install 'vidsparse[diffusers]'")

@@ -43,20 +43,24 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import diffusers
 import torch
-from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
-from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
-from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from ..config import SparseConfig
-from ..plan import MaskPlan
-from ._cogvideox import CogVideoXSparseAttnProcessor, FusedCogVideoXSparseAttnProcessor
-from ._core import RunState, SparseLayer
-from ._hunyuan_video import HunyuanVideoSparseAttnProcessor
-from ._wan import WanSparseAttnProcessor
-from .sparse_stats import SparseStats
+from .._optional import require
+
+diffusers = require("diffusers", "diffusers")  # a clear MissingDependencyError on a base install
+
+from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel  # noqa: E402
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0  # noqa: E402
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0  # noqa: E402
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
+
+from ..config import SparseConfig  # noqa: E402
+from ..plan import MaskPlan  # noqa: E402
+from ._cogvideox import CogVideoXSparseAttnProcessor, FusedCogVideoXSparseAttnProcessor  # noqa: E402
+from ._core import RunState, SparseLayer  # noqa: E402
+from ._hunyuan_video import HunyuanVideoSparseAttnProcessor  # noqa: E402
+from ._wan import WanSparseAttnProcessor  # noqa: E402
+from .sparse_stats import SparseStats  # noqa: E402
 
 __all__ = [
     "patch",
