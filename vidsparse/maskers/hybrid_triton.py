@@ -17,8 +17,11 @@ tests), in three launches:
 
 No sort: an earlier version sorted each row twice with ``tl.sort``, which cost 0.18 ms of GPU
 time at the Wan2.1-1.3B shape and 11.4 ms at 14B/720p (2,048-wide rows) on an H100.
-It writes the dense block map and the index table at once, so the BlockMask needs no further
-conversion before the forward kernel. Given the same probabilities, Top-k and the tie order match
+It writes the dense block map (bool, straight from the kernel) and the index table at once, so
+the BlockMask needs no further conversion before the forward kernel. The whole predictor is one
+custom op, ``torch.ops.vidsparse.hybrid_mask``, with a fake (meta) implementation: under
+``torch.compile`` it is a single opaque graph node (issue 19: inductor could not lower the
+earlier int8 -> bool ``view`` of the map). Given the same probabilities, Top-k and the tie order match
 the eager masker exactly. The probabilities themselves (pooling, matmul, softmax) and the Top-p
 mass are summed in other orders than the eager torch ops (the mass as a tree sum, a tied run as
 rank x probability instead of torch.cumsum), so a row with two blocks, or its mass, within float
@@ -26,6 +29,9 @@ rounding of each other, or of p, may keep one block more or less than the eager 
 """
 
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 import triton
@@ -171,7 +177,7 @@ def _select_kernel(
         k_start = offs * block_k
         keep = keep | (valid & (k_start < q_end) & (k_start + block_k > q_start))
 
-    tl.store(DENSE + base + offs, keep.to(tl.int8), mask=valid)
+    tl.store(DENSE + base + offs, keep, mask=valid)
     # compaction in index order: kept blocks first (ascending), then the dropped ones
     n_keep = tl.sum(keep.to(tl.int32), 0)
     kept_pos = tl.cumsum(keep.to(tl.int32), 0) - 1
@@ -249,6 +255,73 @@ def _row_params(topk, topp, heads: int, nkb: int, device) -> tuple[torch.Tensor,
     return nk, tp
 
 
+def _predict(q, k, topk, topp, block_q: int, block_k: int, scale: float, keep_sink: bool, keep_diagonal: bool):
+    """The three launches: (B, H, NQB, NKB) bool map, (B, H, NQB, NKB) int32 table, (B, H, NQB) int32 counts."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    nqb, nkb = num_blocks(lq, block_q), num_blocks(lk, block_k)
+    q_mean, k_mean = _pool(q, block_q, k, block_k)
+    scores = torch.matmul(q_mean, k_mean.transpose(-1, -2))  # unscaled
+    nk, tp = _row_params(topk, topp, h, nkb, q.device)
+
+    # the kernel stores its bool keep flags straight into the bool map (Triton writes one byte each)
+    dense = torch.empty(b, h, nqb, nkb, dtype=torch.bool, device=q.device)
+    kv_idx = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=q.device)
+    kv_cnt = torch.empty(b, h, nqb, dtype=torch.int32, device=q.device)
+    _select_kernel[(nqb, b * h)](
+        scores, dense, kv_idx, kv_cnt, nk, tp,
+        h, nqb, nkb, lq, block_q, block_k, scale,
+        NKB_P2=_nkb_p2(nkb), KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
+        HAS_TOPK=topk is not None, HAS_TOPP=topp is not None,
+        # one warp per row: the bisection's reductions stay in-warp (H100, 512-wide rows, measured
+        # with the earlier 48-step int64 bisection: 0.045 ms for 1 warp vs 0.074 for 4 and 0.115
+        # for 8); wider rows keep 8 warps (not measured)
+        num_warps=1 if _nkb_p2(nkb) <= 1024 else 8,
+    )
+    return dense, kv_idx, kv_cnt
+
+
+def _nkb_p2(nkb: int) -> int:
+    return max(16, triton.next_power_of_2(nkb))
+
+
+# The predictor as one opaque operator, so torch.compile puts a single node in the graph (no
+# graph break, nothing for inductor to lower): scalar settings travel as floats (None = rule
+# off), per-head settings as (H,) tensors in the *_heads arguments.
+@torch.library.custom_op("vidsparse::hybrid_mask", mutates_args=())
+def hybrid_mask_op(
+    q: torch.Tensor, k: torch.Tensor,
+    topk: Optional[float], topp: Optional[float],
+    topk_heads: Optional[torch.Tensor], topp_heads: Optional[torch.Tensor],
+    block_q: int, block_k: int, scale: float, keep_sink: bool, keep_diagonal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dense (B, H, NQB, NKB) bool, kv_indices (B, H, NQB, NKB) int32, kv_counts (B, H, NQB) int32)."""
+    topk = topk_heads if topk_heads is not None else topk
+    topp = topp_heads if topp_heads is not None else topp
+    return _predict(q, k, topk, topp, block_q, block_k, scale, keep_sink, keep_diagonal)
+
+
+@hybrid_mask_op.register_fake
+def _(q, k, topk, topp, topk_heads, topp_heads, block_q, block_k, scale, keep_sink, keep_diagonal):
+    b, h, lq, _ = q.shape
+    nqb, nkb = num_blocks(lq, block_q), num_blocks(k.shape[2], block_k)
+    return (
+        q.new_empty((b, h, nqb, nkb), dtype=torch.bool),
+        q.new_empty((b, h, nqb, nkb), dtype=torch.int32),
+        q.new_empty((b, h, nqb), dtype=torch.int32),
+    )
+
+
+def _fraction(name: str, value, heads: int):
+    """check_fraction, except a per-head tensor's values under torch.compile: reading them on the
+    host is a graph break (the masker checked them when its options were set)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and torch.compiler.is_compiling():
+        if value.shape[0] != heads or not torch.is_floating_point(value):
+            return check_fraction(name, value, heads)  # the shape/dtype error, as eager
+        return value.float()
+    return check_fraction(name, value, heads)
+
+
 @torch.no_grad()
 def fused_hybrid_block_mask(
     q: torch.Tensor,
@@ -263,42 +336,36 @@ def fused_hybrid_block_mask(
     keep_diagonal: bool = False,
     keep_sink: bool = False,
 ) -> BlockMask:
-    """GPU version of :func:`vidsparse.hybrid_block_mask`; same arguments, same result."""
+    """GPU version of :func:`vidsparse.hybrid_block_mask`; same arguments, same result.
+
+    Runs as the custom op ``torch.ops.vidsparse.hybrid_mask`` (with a fake implementation), so
+    it can sit inside a ``torch.compile``-d model without a graph break.
+    """
     q, k, _ = to_bhnd(q, k, k, layout)
     check_block_size("block_q", block_q)
     check_block_size("block_k", block_k)
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    topk = check_fraction("topk", topk, h)
-    topp = check_fraction("topp", topp, h)
+    topk = _fraction("topk", topk, h)
+    topp = _fraction("topp", topp, h)
     if topk is None and topp is None:
         raise ValueError("at least one of topk and topp must be given (use 1.0 for dense)")
     if keep_diagonal and lq != lk:
         raise ValueError(f"keep_diagonal needs self-attention (q_len == k_len), got {lq} and {lk}")
-    scale = d ** -0.5 if scale is None else scale
-    nqb, nkb = num_blocks(lq, block_q), num_blocks(lk, block_k)
-
-    q_mean, k_mean = _pool(q, block_q, k, block_k)
-    scores = torch.matmul(q_mean, k_mean.transpose(-1, -2))  # unscaled
-    nk, tp = _row_params(topk, topp, h, nkb, q.device)
-
-    dense = torch.empty(b, h, nqb, nkb, dtype=torch.int8, device=q.device)
-    kv_idx = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=q.device)
-    kv_cnt = torch.empty(b, h, nqb, dtype=torch.int32, device=q.device)
-    nkb_p2 = max(16, triton.next_power_of_2(nkb))
-    if nkb_p2 > 1 << 16:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    scale = d ** -0.5 if scale is None else float(scale)
+    nkb = num_blocks(lk, block_k)
+    if _nkb_p2(nkb) > 1 << 16:
         raise ValueError(f"the fused predictor supports up to 65,536 key blocks, got {nkb} (k_len={lk}, block_k={block_k})")
-    _select_kernel[(nqb, b * h)](
-        scores, dense, kv_idx, kv_cnt, nk, tp,
-        h, nqb, nkb, lq, block_q, block_k, scale,
-        NKB_P2=nkb_p2, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
-        HAS_TOPK=topk is not None, HAS_TOPP=topp is not None,
-        # one warp per row: the bisection's reductions stay in-warp (H100, 512-wide rows, measured
-        # with the earlier 48-step int64 bisection: 0.045 ms for 1 warp vs 0.074 for 4 and 0.115
-        # for 8); wider rows keep 8 warps (not measured)
-        num_warps=1 if nkb_p2 <= 1024 else 8,
+    tensor = lambda x: x if isinstance(x, torch.Tensor) else None  # noqa: E731
+    scalar = lambda x: None if isinstance(x, torch.Tensor) else x  # noqa: E731
+    dense, kv_idx, kv_cnt = hybrid_mask_op(
+        q.detach(), k.detach(), scalar(topk), scalar(topp), tensor(topk), tensor(topp),
+        block_q, block_k, scale, keep_sink, keep_diagonal,
     )
     return BlockMask(
         block_q=block_q, block_k=block_k, q_len=lq, k_len=lk,
-        dense=dense.view(torch.bool), kv_indices=kv_idx, kv_counts=kv_cnt, _kv_normalised=True,
+        dense=dense, kv_indices=kv_idx, kv_counts=kv_cnt, _kv_normalised=True,
     )
