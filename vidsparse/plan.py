@@ -126,11 +126,23 @@ class MaskPlan:
         """A per-query result (B, H, Lq[, D]) in attention order -> the caller's order."""
         return self._gather(x, self.inverse)
 
-    def token_mask(self) -> torch.Tensor:
-        """(B, H, Lq, Lk) bool in the caller's token order. For tests and debugging (O(Lq*Lk))."""
-        tm = self.mask.token_mask()
-        if self.inverse is not None:
-            tm = self._gather(tm, self.inverse)
+    def token_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, Lq, Lk) bool in the caller's token order. For tests and debugging (O(Lq*Lk)).
+
+        Args:
+            rows: optional (R,) caller query indices: only those rows, (B, H, R, Lk).
+        """
+        if rows is None:
+            tm = self.mask.token_mask()
+            if self.inverse is not None:
+                tm = self._gather(tm, self.inverse)
+        else:
+            pos = rows.to(self.device)[None, None] if self.inverse is None else self.inverse[..., rows.to(self.device)]
+            d = self.mask.dense
+            b, h = max(d.shape[0], pos.shape[0]), max(d.shape[1], pos.shape[1])
+            blocks = (pos // self.mask.block_q).expand(b, h, -1)[..., None].expand(-1, -1, -1, d.shape[-1])
+            kept = torch.gather(d.expand(b, h, -1, -1), 2, blocks)  # (B, H, R, NKB)
+            tm = kept[..., torch.arange(self.mask.k_len, device=self.device) // self.mask.block_k]
         if self.k_inverse is not None:
             b, h = tm.shape[:2]
             idx = self.k_inverse.expand(b, h, -1)[:, :, None, :].expand(-1, -1, tm.shape[2], -1)
