@@ -11,6 +11,7 @@ See :mod:`vidsparse.maskers.registry` for the contract and the options every mas
 """
 
 from . import hybrid  # noqa: F401  (registers "hybrid")
+from . import radial, svg, svg2, vmoba, xattention  # noqa: F401  (register the seeds' methods)
 from .hybrid import block_mean, hybrid_block_mask, pooled_block_scores, select_hybrid
 from .registry import COMMON_OPTIONS, Masker, apply_priors, available, get, register, unregister
 
