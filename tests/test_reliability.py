@@ -217,3 +217,42 @@ def test_patch_without_diffusers_says_which_extra(monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip() == ("MissingDependencyError vidsparse needs the optional package 'diffusers' here, which is "
                            "not installed: pip install 'vidsparse[diffusers]'")
+
+
+# ------------------------------------------------------------------ copies of a patched model
+def _tiny_wan_and_inputs():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+    ).eval()
+    g = torch.Generator().manual_seed(10)
+    x, ehs = torch.randn(1, 4, 5, 16, 16, generator=g), torch.randn(1, 12, 32, generator=g)
+    inputs = dict(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=ehs)
+    return model, inputs
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_patched_model_is_patched_on_its_own(how):
+    model, inputs = _tiny_wan_and_inputs()
+    run = lambda m: m(**inputs).sample  # noqa: E731
+    with torch.no_grad():
+        dense = run(model)
+        vidsparse.patch(model, topk=0.1, topp=None, token_order="tiled", block_q=16, block_k=32,
+                        backend="reference", collect_stats=True)
+        sparse = run(model)
+        twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+        assert vidsparse.is_patched(twin)
+        torch.testing.assert_close(run(twin), sparse)  # sparse, with its own grid and step state
+        # its statistics are its own: the original's log did not grow
+        assert len(vidsparse.stats(model).records) == 2 and len(vidsparse.stats(twin).records) == 4
+        vidsparse.unpatch(twin)
+        assert not vidsparse.is_patched(twin) and vidsparse.is_patched(model)
+        torch.testing.assert_close(run(twin), dense)
+        torch.testing.assert_close(run(model), sparse)  # the original is untouched
+        vidsparse.patch(twin, topk=1.0, topp=None, block_q=16, block_k=32, backend="reference")  # re-patch
+        torch.testing.assert_close(run(twin), dense, rtol=1e-4, atol=1e-4)
+        vidsparse.unpatch(twin)
+        vidsparse.unpatch(model)
+        torch.testing.assert_close(run(model), dense)

@@ -21,6 +21,9 @@ What is patched, and how
       ``SparseConfig.dense_layers`` keep their original processor.
     * One forward pre-hook on each transformer records the latent grid and the step (below).
     * :func:`unpatch` puts the original processor objects back and removes the hook.
+    * The patch record travels with the model: ``copy.deepcopy(model)`` (or pickling it) gives
+      a patched copy with its own processors, step state and statistics, which
+      :func:`unpatch` restores independently of the original.
 
 Step tracking (for ``dense_steps`` and statistics)
     Wan blocks do not pass ``attention_kwargs`` down, so the pre-hook reads the ``timestep``
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -168,8 +170,47 @@ class _Patch:
     hook: Any = None
 
 
-# transformer -> _Patch; weak so a dropped model is not kept alive by the registry
-_PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, _Patch]" = weakref.WeakKeyDictionary()
+class _PreHook:
+    """The forward pre-hook of a patched transformer; it also carries the model's :class:`_Patch`.
+
+    The record lives in the model (in its hooks dict) rather than in a registry beside it, so
+    ``copy.deepcopy`` and pickling carry it along, consistently: one deep copy maps the record's
+    attention modules, original and installed processors, hook handle and :class:`RunState` to
+    the copy's own objects. A copy is therefore patched on its own: it runs sparse with its own
+    state and statistics and can be unpatched or re-patched without touching the original.
+    """
+
+    def __init__(self, arch_name: str, patch: _Patch):
+        self.arch_name, self.patch = arch_name, patch
+        self._sig = None
+
+    def __getstate__(self) -> dict:
+        return {"arch_name": self.arch_name, "patch": self.patch}  # the signature is rebuilt
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._sig = None
+
+    def __call__(self, module, args, kwargs):
+        if self._sig is None:
+            self._sig = inspect.signature(module.forward)
+        try:
+            bound = self._sig.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # a call the forward itself will reject; let it raise there
+            bound = kwargs
+        hs = bound.get("hidden_states")
+        arch = next(a for a in _ARCHS if a.name == self.arch_name)
+        grid = arch.grid(module, hs) if isinstance(hs, torch.Tensor) and hs.dim() == 5 else None
+        self.patch.state.begin_forward(bound.get("timestep"), grid)
+        return None
+
+
+def _patch_of(model: torch.nn.Module) -> _Patch | None:
+    """The model's patch record (from its vidsparse pre-hook), or None when it is not patched."""
+    for hook in getattr(model, "_forward_pre_hooks", {}).values():
+        if isinstance(hook, _PreHook):
+            return hook.patch
+    return None
 
 
 def _transformers(target) -> list[tuple[str, torch.nn.Module]]:
@@ -207,22 +248,6 @@ def _make_config(config, overrides) -> SparseConfig:
     return config.replace(**overrides) if overrides else config
 
 
-def _make_pre_hook(arch: _Arch, state: RunState, model):
-    sig = inspect.signature(model.forward)
-
-    def pre_hook(module, args, kwargs):
-        try:
-            bound = sig.bind_partial(*args, **kwargs).arguments
-        except TypeError:  # a call the forward itself will reject; let it raise there
-            bound = kwargs
-        hs = bound.get("hidden_states")
-        grid = arch.grid(module, hs) if isinstance(hs, torch.Tensor) and hs.dim() == 5 else None
-        state.begin_forward(bound.get("timestep"), grid)
-        return None
-
-    return pre_hook
-
-
 # ---------------------------------------------------------------------------------- public API
 def patch(target, config: SparseConfig | None = None, **overrides) -> Any:
     """Install block-sparse self-attention processors on a transformer or a pipeline.
@@ -249,7 +274,7 @@ def patch(target, config: SparseConfig | None = None, **overrides) -> Any:
     config = _make_config(config, overrides)
     models = _transformers(target)
     for name, model in models:
-        if model in _PATCHES:
+        if _patch_of(model) is not None:
             raise RuntimeError(f"vidsparse: {name} is already patched; call vidsparse.unpatch first")
     if not diffusers.__version__.startswith(_TESTED_DIFFUSERS):
         warnings.warn(
@@ -282,8 +307,7 @@ def patch(target, config: SparseConfig | None = None, **overrides) -> Any:
     for model, arch, plan in plans:  # validated: now apply
         for attn, _original, new in plan.installed:
             attn.set_processor(new)
-        plan.hook = model.register_forward_pre_hook(_make_pre_hook(arch, state, model), with_kwargs=True)
-        _PATCHES[model] = plan
+        plan.hook = model.register_forward_pre_hook(_PreHook(arch.name, plan), with_kwargs=True)
     return target
 
 
@@ -297,12 +321,12 @@ def unpatch(target) -> SparseStats:
     Raises:
         ValueError: nothing in ``target`` is patched.
     """
-    models = [(n, m) for n, m in _transformers(target) if m in _PATCHES]
+    models = [(n, m, _patch_of(m)) for n, m in _transformers(target)]
+    models = [x for x in models if x[2] is not None]
     if not models:
         raise ValueError(f"vidsparse: {type(target).__name__} is not patched")
     states = []
-    for name, model in models:
-        plan = _PATCHES.pop(model)
+    for name, model, plan in models:
         plan.hook.remove()
         for attn, original, installed in plan.installed:
             if attn.processor is not installed:
@@ -321,7 +345,7 @@ def unpatch(target) -> SparseStats:
 def is_patched(target) -> bool:
     """Whether any transformer of ``target`` is currently patched by vidsparse."""
     try:
-        return any(m in _PATCHES for _, m in _transformers(target))
+        return any(_patch_of(m) is not None for _, m in _transformers(target))
     except TypeError:
         return False
 
@@ -329,7 +353,7 @@ def is_patched(target) -> bool:
 def _states(target) -> list[RunState]:
     states = []
     for _, model in _transformers(target):
-        plan = _PATCHES.get(model)
+        plan = _patch_of(model)
         if plan is not None and plan.state not in states:
             states.append(plan.state)
     if not states:
