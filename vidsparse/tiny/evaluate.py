@@ -644,6 +644,11 @@ def read_sparse_setting(directory: str | Path) -> dict:
         raise ValueError(f"unreadable {path} ({e})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"unreadable {path} (expected a JSON object)")
+    if "format" in saved:  # written by SparseConfig.save
+        from ..config import SparseConfig
+
+        cfg = SparseConfig.from_dict(saved)
+        saved = {**cfg.resolved_options(), "block_q": cfg.block_q, "block_k": cfg.block_k}
     return {k: saved[k] for k in _SETTING_KEYS + ("token_order",) if k in saved}
 
 

@@ -169,7 +169,7 @@ def load_tiny_wan(
             f"no diffusers model at {path} (expected config.json and diffusion_pytorch_model.safetensors); "
             "train one with `python -m vidsparse.tiny.pretrain` or set $VIDSPARSE_TINY_WAN"
         )
-    model = _wan_class().from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    model = _wan_class().from_pretrained(path, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     return model.to(device).eval()
 
 

@@ -53,31 +53,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..tiny.data import ShapesConfig, make_batch
-from .flow import TIMESTEP_SAMPLING, noisy_sample, predict_velocity, sample_timesteps, velocity_target
 from ..maskers.token_order import TOKEN_ORDERS
-from ..tiny.pretrain import (
-    _arch,
-    _changed_hyperparameters,
-    _checkpoint_dir,
-    _generator,
-    _jsonable,
-    _prune_checkpoints,
-    _restore_rng,
-    _rng_state,
-    _save_checkpoint,
-    _truncate_log,
-    list_checkpoints,
-)
+from ..utils import hash_seed, jsonable, resolve_device
+from .flow import TIMESTEP_SAMPLING, noisy_sample, sample_timesteps, velocity, velocity_target
+from .loop import LoopConfig, dist_info, prepare_out, train_loop
 from .optim import make_optimizer, make_scheduler
-from ..utils import resolve_device
 
 __all__ = [
+    "DataSource",
+    "load_source",
+    "DEFAULT_SOURCE",
     "DistillConfig",
     "distill",
     "train_student",
@@ -89,7 +79,9 @@ __all__ = [
     "main",
 ]
 
-_CKPT_VERSION = 1
+#: the data source ``vidsparse distill`` uses by default: the tiny harness's shapes clips, named by
+#: a string and imported only when used (the core never imports vidsparse.tiny)
+DEFAULT_SOURCE = "vidsparse.tiny.source:ShapesSource"
 _TRAINABLE = ("all", "attention", "lora")
 _LORA_TARGETS = ("attention", "attention+ffn")
 # module-name patterns (re.fullmatch) of the LoRA targets in a diffusers Wan transformer
@@ -169,6 +161,7 @@ class DistillConfig:
     keep_diagonal: bool = False
     keep_sink: bool = False
     data: str = "train"
+    source: str = DEFAULT_SOURCE
     frames: int = 16
     size: int = 64
     seed: int = 0
@@ -356,12 +349,13 @@ def distill_loss(
     and the pure distillation term ``vd = mean((v_student - v_teacher)^2)`` (detached; NaN when
     ``distill_weight`` is 0, in which case the teacher is not run and may be None).
     """
+    cond = cond_embeds if isinstance(cond_embeds, dict) else {"encoder_hidden_states": cond_embeds}
     x_t = noisy_sample(x0, noise, t)
-    v_student = predict_velocity(student, x_t, t, cond_embeds).float()
+    v_student = velocity(student, x_t, t, cond).float()
     loss = v_student.new_zeros(())
     if distill_weight:
         with torch.no_grad():
-            v_teacher = predict_velocity(teacher, x_t, t, cond_embeds).float()
+            v_teacher = velocity(teacher, x_t, t, cond).float()
         vd = F.mse_loss(v_student, v_teacher)
         loss = loss + distill_weight * vd
         vd = vd.detach()
@@ -372,91 +366,67 @@ def distill_loss(
     return loss, vd
 
 
-def _load_model(path: str | None) -> torch.nn.Module:
+class DataSource(Protocol):
+    """Where distillation's clean samples x0 and their conditions come from.
+
+    ``batch(index, count, device)`` returns items ``[index, index + count)`` of a deterministic
+    stream: ``x0`` (count, C, T, H, W) and the condition keyword arguments of the model's forward
+    (e.g. ``{"encoder_hidden_states": ...}``). ``bind(model)`` adapts the source to the model and
+    returns its token grid. Step ``s`` of a run uses items ``[s * B, (s + 1) * B)``; rank ``r``
+    of a DDP run takes its slice, so resumed and multi-process runs see the same data.
+    """
+
+    def bind(self, model: torch.nn.Module) -> tuple[int, ...]: ...
+
+    def batch(self, index: int, count: int, device: torch.device) -> tuple[torch.Tensor, dict]: ...
+
+
+def load_source(spec: str, **kwargs) -> DataSource:
+    """``"package.module:Class"`` -> ``Class(**kwargs)``, imported on first use."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"data source {spec!r} cannot be loaded: {e}") from None
+    return cls(**kwargs)
+
+
+def _load_model(path: str | None, source) -> torch.nn.Module:
     """The model to distil, in float32 on the CPU; errors name ``--model`` and the path."""
-    from ..tiny.model import default_weights_dir, load_tiny_wan
+    where = Path(path) if path is not None else Path(source.default_model_dir())
+    config = where / "config.json"
+    if not config.is_file() or not any(where.glob("*.safetensors")):
+        raise FileNotFoundError(f"--model {where}: no diffusers checkpoint there (expected config.json and *.safetensors)")
+    import diffusers
 
-    where = Path(path) if path is not None else default_weights_dir()
-    has_weights = (where / "config.json").is_file() and any(where.glob("*.safetensors"))
-    if not has_weights:
-        hint = "" if path is not None else " (the embedded tiny model has not been trained yet: run `python -m vidsparse.tiny.pretrain`)"
-        raise FileNotFoundError(
-            f"--model {where}: no diffusers checkpoint there (expected config.json and *.safetensors){hint}"
-        )
-    return load_tiny_wan(where, device="cpu", dtype=torch.float32)
-
-
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+    cls = getattr(diffusers, json.loads(config.read_text()).get("_class_name", ""), None)
+    if cls is None:
+        raise ValueError(f"--model {where}: config.json names no diffusers model class")
+    return cls.from_pretrained(where, torch_dtype=torch.float32, use_safetensors=True).eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-def distill(cfg: DistillConfig, model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Run (or resume) a distillation run; returns the summary (also written to summary.json).
-
-    ``model`` (float32, any device) replaces loading ``cfg.model`` (tests, notebooks). Under
-    torchrun (WORLD_SIZE > 1) this joins a process group (gloo on CPU, nccl on CUDA) unless one
-    is already initialised, and destroys it at the end if it created it.
-    """
-    return _run(cfg, model, keep_student=False)[0]
-
-
-def train_student(cfg: DistillConfig, model: torch.nn.Module | None = None) -> tuple[dict[str, Any], torch.nn.Module | None]:
-    """:func:`distill`, also returning the trained student as a plain model.
-
-    The returned model is an unpatched float32 copy of the architecture holding the student's
-    weights (LoRA adapters merged), in eval mode on the training device; patch it again for sparse
-    inference. It is None on ranks other than 0.
-    """
-    return _run(cfg, model, keep_student=True)
-
-
-def _run(cfg: DistillConfig, model: torch.nn.Module | None, keep_student: bool) -> tuple[dict[str, Any], torch.nn.Module | None]:
+def _setup_device(cfg: DistillConfig):
+    """(device, rank, world, own_group): joins torchrun's process group unless one exists."""
     import torch.distributed as dist
-    from tqdm.auto import tqdm
 
-    from ..tiny.model import count_parameters, token_grid
+    rank, world, local_rank = dist_info()
+    if world <= 1:
+        return resolve_device(cfg.device), 0, 1, False
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if dist.is_initialized():
+        return device, rank, world, False
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device, rank, world, True
 
-    t_start = time.monotonic()
-    rank, world, local_rank = _dist_info()
-    distributed = world > 1
-    if distributed:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() and cfg.device != "cpu" else torch.device("cpu")
-    else:
-        device = resolve_device(cfg.device)
-    cuda = device.type == "cuda"
-    own_group = False
-    if distributed and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        own_group = True
-    main_rank = rank == 0
-    per_rank, rem = divmod(cfg.batch_size, world * cfg.grad_accum)
-    if rem or per_rank == 0:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be a positive multiple of world_size * grad_accum = {world} * {cfg.grad_accum}"
-        )
-    local_bs = cfg.batch_size // world  # this rank's slice of the global batch
-    micro_bs = local_bs // cfg.grad_accum
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    use_teacher = cfg.distill_weight > 0
 
-    def amp():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    out = Path(cfg.out)
-    log_path = out / "log.jsonl"
-    base = model if model is not None else _load_model(cfg.model)
-    data = ShapesConfig(frames=cfg.frames, size=cfg.size, text_dim=base.config.text_dim)
-    grid = token_grid(base.config, data.frames, data.size, data.size)  # raises naming frames / size
+def _build_student(cfg: DistillConfig, model, source, device):
+    base = model if model is not None else _load_model(cfg.model, source)
+    grid = source.bind(base)  # raises naming frames / size
     student, teacher = make_student_teacher(base, cfg.sparse_config())
     del base
     if cfg.trainable == "lora":
@@ -465,229 +435,176 @@ def _run(cfg: DistillConfig, model: torch.nn.Module | None, keep_student: bool) 
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.to(device)
-    if use_teacher:  # otherwise it stays on the CPU, only to give the exported student its plain architecture
+    if cfg.distill_weight > 0:  # otherwise it stays on the CPU, only to give the exported student its plain architecture
         teacher.to(device)
-    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=cuda)
-    scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+    return student, teacher, trainable, grid
 
-    # ---- resume (every rank loads the same file; only rank 0 touches the directory)
-    step, prev_elapsed = 0, 0.0
-    ckpts = list_checkpoints(out)
-    if cfg.resume is None and ckpts:
-        raise ValueError(f"--out {out} already holds checkpoints ({ckpts[-1].name}); pass --resume or a new --out")
-    if cfg.resume is not None:
-        if cfg.resume == "auto" and not ckpts:
-            raise FileNotFoundError(f"--resume: {_checkpoint_dir(out)} has no checkpoints")
-        path = ckpts[-1] if cfg.resume == "auto" else Path(cfg.resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("model_config") != _arch(student):
-            raise ValueError(f"--resume: checkpoint {path} holds another model config: {state.get('model_config')}")
-        old = state.get("distill_config", {})
+
+def _check_resumed(cfg: DistillConfig, student):
+    arch = _arch(student)
+
+    def check(meta: dict, path: Path) -> None:
+        if meta.get("model_config") != arch:
+            raise ValueError(f"--resume: checkpoint {path} holds another model config: {meta.get('model_config')}")
+        old = meta.get("distill_config", {})
         for key in ("trainable", "lora_rank", "lora_targets"):
             if key in old and old[key] != getattr(cfg, key) and (key == "trainable" or cfg.trainable == "lora"):
                 raise ValueError(f"--resume: checkpoint {path} was trained with {key}={old[key]!r}, not {getattr(cfg, key)!r}")
-        changed = _changed_hyperparameters(old, _jsonable(cfg))
-        if changed and main_rank:
+        changed = {k: (old.get(k), v) for k, v in jsonable(cfg).items() if k not in _RUN_CONTROL and old.get(k) != v}
+        if changed:
             print(f"note: resuming with changed settings: {changed}", file=sys.stderr)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"], device)
-        step, prev_elapsed = int(state["step"]), float(state["elapsed_s"])
-        if main_rank:
-            _truncate_log(log_path, step)
-            print(f"resumed from {path} at step {step}", file=sys.stderr)
-    elif main_rank and log_path.exists():
-        log_path.unlink()  # fresh run: fresh log
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
 
-    if distributed:
+    return check
+
+
+# settings that only steer a run (where it stops, what it prints) and may change on resume silently
+_RUN_CONTROL = {"out", "resume", "time_limit_min", "progress", "command", "export", "plot", "steps"}
+
+
+def _arch(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's constructor arguments (diffusers' private "_..." bookkeeping keys dropped)."""
+    return jsonable({k: v for k, v in dict(model.config).items() if not k.startswith("_")})
+
+
+def _make_backward(cfg: DistillConfig, fwd, teacher, source, device, rank: int, world: int):
+    """The loop's per-step callable: global batch drawn identically on every rank, then sliced."""
+    local_bs = cfg.batch_size // world
+    micro_bs = local_bs // cfg.grad_accum
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    ddp = world > 1
+
+    def backward(step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator(device=device).manual_seed(hash_seed(cfg.seed, _STREAM_DISTILL, step))
+        lo = rank * local_bs
+        x0, cond = source.batch(step * cfg.batch_size + lo, local_bs, device)
+        noise_all = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)
+        t_all = sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std,
+                                 shift=cfg.t_shift, generator=g, device=device)
+        noise, t = noise_all[lo : lo + local_bs], t_all[lo : lo + local_bs]
+        total, vd_total = torch.zeros((), device=device), torch.zeros((), device=device)
+        for m in range(cfg.grad_accum):
+            sl = slice(m * micro_bs, (m + 1) * micro_bs)
+            # DDP all-reduces only on the last micro-batch
+            sync = fwd.no_sync() if ddp and m < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, vd = distill_loss(fwd, teacher, x0[sl], {k: v[sl] for k, v in cond.items()}, noise[sl],
+                                            t[sl], cfg.diffusion_weight, cfg.distill_weight)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+            vd_total += vd / cfg.grad_accum
+        return {"loss": total, "vd_loss": vd_total} if cfg.distill_weight > 0 else {"loss": total}
+
+    return backward
+
+
+def distill(cfg: DistillConfig, model: torch.nn.Module | None = None, source: DataSource | None = None) -> dict[str, Any]:
+    """Run (or resume) a distillation run; returns the summary (also written to summary.json).
+
+    ``model`` (float32, any device) replaces loading ``cfg.model``; ``source`` replaces
+    ``cfg.source`` (the tiny shapes clips by default). Under torchrun (WORLD_SIZE > 1) this joins
+    a process group (gloo on CPU, nccl on CUDA) unless one is initialised, and destroys it at the
+    end if it created it.
+    """
+    return _run(cfg, model, source, keep_student=False)[0]
+
+
+def train_student(cfg: DistillConfig, model: torch.nn.Module | None = None,
+                  source: DataSource | None = None) -> tuple[dict[str, Any], torch.nn.Module | None]:
+    """:func:`distill`, also returning the trained student as a plain model.
+
+    The returned model is an unpatched float32 copy of the architecture holding the student's
+    weights (LoRA adapters merged), in eval mode on the training device; patch it again for sparse
+    inference. It is None on ranks other than 0.
+    """
+    return _run(cfg, model, source, keep_student=True)
+
+
+def _run(cfg: DistillConfig, model, source, keep_student: bool):
+    import torch.distributed as dist
+
+    t_start = time.monotonic()
+    device, rank, world, own_group = _setup_device(cfg)
+    per_rank, rem = divmod(cfg.batch_size, world * cfg.grad_accum)
+    if rem or per_rank == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a positive multiple of world_size * grad_accum = {world} * {cfg.grad_accum}")
+    out = prepare_out(cfg.out, cfg.resume) if rank == 0 else Path(cfg.out)
+    if source is None:
+        source = load_source(cfg.source, split=cfg.data, frames=cfg.frames, size=cfg.size, seed=cfg.seed)
+    student, teacher, trainable, grid = _build_student(cfg, model, source, device)
+    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+    fwd = student
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        fwd = DDP(student, device_ids=[device.index] if cuda else None)
-    else:
-        fwd = student
-
-    def checkpoint(at: int) -> Path | None:
-        if not main_rank:
-            return None
-        path = _checkpoint_dir(out) / f"step-{at:07d}.pt"
-        _save_checkpoint(path, {
-            "version": _CKPT_VERSION,
-            "step": at,
-            "elapsed_s": prev_elapsed + time.monotonic() - t_start,
-            "student": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(device),
-            "distill_config": _jsonable(cfg),
-            "model_config": _arch(student),
-        })
-        _prune_checkpoints(out, cfg.keep_checkpoints)
-        return path
-
-    def log(record: dict[str, Any]) -> None:
-        if main_rank:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    tokens = math.prod(grid)
-    n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    if main_rank:
-        what = cfg.trainable + (f", rank {cfg.lora_rank} on {cfg.lora_targets}" if cfg.trainable == "lora" else "")
-        loss_desc = " + ".join(
-            [f"{cfg.distill_weight:g} * distillation"] * use_teacher + [f"{cfg.diffusion_weight:g} * diffusion"] * (cfg.diffusion_weight > 0)
-        )
-        print(
-            f"distill: {count_parameters(teacher) / 1e6:.2f} M params ({n_trainable / 1e6:.3f} M trainable in "
-            f"{len(trainable)} tensors: {what}), {tokens} tokens, {cfg.sparse_config()!r}\n"
-            f"device {device} x{world}, {'bf16 autocast' if use_bf16 else 'fp32'}"
-            f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}, global batch {cfg.batch_size} "
-            f"(per rank {local_bs}, accum {cfg.grad_accum}), loss {loss_desc}, data split {cfg.data!r}, steps {step}->{cfg.steps}",
-            file=sys.stderr,
-        )
-
-    limit_s = cfg.time_limit_min * 60 if cfg.time_limit_min is not None else None
-    stop_reason = "completed"
-    last_ckpt_step = step if cfg.resume is not None else -1
-    sums = torch.zeros(3, device=device)  # loss, vd, grad-norm sums over the log interval
-    n_acc, t_log = 0, time.monotonic()
-    t_loop, steps_this_call, step_time = time.monotonic(), 0, None
-    bar = tqdm(total=cfg.steps, initial=step, desc="distill", disable=not (cfg.progress and main_rank), dynamic_ncols=True)
-    interrupted = False
-    try:
-        while step < cfg.steps:
-            if limit_s is not None and steps_this_call >= 1:
-                # the time limit ends the run on every rank at the same step
-                late = time.monotonic() - t_start + 1.5 * step_time > limit_s
-                if distributed:
-                    flag = torch.tensor(float(late), device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    late = bool(flag.item())
-                if late:
-                    stop_reason = f"time limit ({cfg.time_limit_min:g} min)"
-                    break
-            t_step = time.monotonic()
-            # global batch drawn identically on every rank, then sliced: ranks and resumes agree
-            g = _generator(device, cfg.seed, _STREAM_DISTILL, step)
-            x_shape = (cfg.batch_size, 3, data.frames, data.size, data.size)
-            noise_all = torch.randn(x_shape, generator=g, device=device)
-            t_all = sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std,
-                                     shift=cfg.t_shift, generator=g, device=device)
-            lo = rank * local_bs
-            x0, emb, _ = make_batch(local_bs, seed=cfg.seed, split=cfg.data, start=step * cfg.batch_size + lo,
-                                    config=data, device=device)
-            noise, t = noise_all[lo : lo + local_bs], t_all[lo : lo + local_bs]
-
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)
-            step_vd = torch.zeros((), device=device)
-            for m in range(cfg.grad_accum):
-                sl = slice(m * micro_bs, (m + 1) * micro_bs)
-                # DDP all-reduces only on the last micro-batch
-                sync = fwd.no_sync() if distributed and m < cfg.grad_accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with amp():
-                        loss, vd = distill_loss(fwd, teacher, x0[sl], emb[sl], noise[sl], t[sl],
-                                                cfg.diffusion_weight, cfg.distill_weight)
-                    (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-                step_vd += vd / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in student.parameters() if p.requires_grad], cfg.grad_clip or float("inf")
-            )
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            steps_this_call += 1
-            sums += torch.stack([step_loss, step_vd, grad_norm.detach().float()])
-            n_acc += 1
-            bar.update(1)
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                if distributed:  # the loss of the global batch, not of rank 0's slice
-                    dist.all_reduce(sums)
-                    sums /= world
-                mean = (sums / n_acc).tolist()
-                if not math.isfinite(mean[0]):
-                    raise FloatingPointError(f"loss became {mean[0]} at step {step}; resume from the last checkpoint")
-                now = time.monotonic()
-                step_time = (now - t_log) / n_acc
-                rec = {"kind": "train", "step": step, "loss": mean[0], "vd_loss": mean[1] if use_teacher else None,
-                       "grad_norm": mean[2], "lr": scheduler.get_last_lr()[0], "clips_per_s": cfg.batch_size / step_time,
-                       "elapsed_s": prev_elapsed + now - t_start}
-                log(rec)
-                bar.set_postfix(loss=f"{mean[0]:.3e}", lr=f"{rec['lr']:.1e}")
-                sums.zero_()
-                n_acc, t_log = 0, time.monotonic()
-            elif step_time is None:
-                step_time = time.monotonic() - t_step  # a first estimate for the time limit
-            if step % cfg.ckpt_every == 0:
-                checkpoint(step)
-                last_ckpt_step = step
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    if cuda:
-        torch.cuda.synchronize(device)
-    loop_s = time.monotonic() - t_loop
-    if last_ckpt_step != step:
-        path = checkpoint(step)
-        if path is not None:
-            print(f"checkpoint {path}", file=sys.stderr)
-    if interrupted:
-        if own_group:
-            dist.destroy_process_group()
-        raise KeyboardInterrupt(f"interrupted at step {step}; resume with --resume")
-
-    summary: dict[str, Any] = {}
-    plain = None
-    if main_rank:
-        from .plots import read_jsonl
-
-        records = [r for r in read_jsonl(log_path) if r["kind"] == "train"]
-        tail = records[-max(1, len(records) // 10):] if records else []
-        summary = {
-            "step": step,
-            "steps": cfg.steps,
-            "stop_reason": stop_reason,
-            "world_size": world,
-            "batch_size": cfg.batch_size,
-            "first_loss": records[0]["loss"] if records else None,
-            "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
-            "wall_time_s": prev_elapsed + time.monotonic() - t_start,
-            "train_loop_s": loop_s,
-            "steps_per_s": steps_this_call / loop_s if steps_this_call and loop_s > 0 else None,
-            "tokens": tokens,
-            "trainable_parameters": n_trainable,
-            "sparse_config": repr(cfg.sparse_config()),
-            "config": _jsonable(cfg),
-        }
-        if cfg.export or keep_student:
-            plain = _plain_student(student, teacher)
-        if cfg.export:
-            summary["student_dir"] = str(save_student(plain, out / "student"))
-            write_sparse_setting(out / "student", cfg.sparse_config())
-        try:
-            if not cfg.plot:
-                raise ImportError  # skip the plot like a missing matplotlib
-            from .plots import save_loss_curve
-
-            objective = "velocity-distillation" if use_teacher else "diffusion"
-            save_loss_curve(log_path, out / "loss_curve.png",
-                            title=f"{objective} fine-tuning (k={cfg.topk}, p={cfg.topp}, {step} steps, batch {cfg.batch_size})",
-                            ylabel="training loss")
-        except ImportError:  # matplotlib is optional
-            pass
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        fwd = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        _print_start(cfg, student, teacher, trainable, grid, device, world)
+    loop = LoopConfig(out=out, steps=cfg.steps, grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every,
+                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, resume=cfg.resume,
+                      time_limit_s=None if cfg.time_limit_min is None else cfg.time_limit_min * 60,
+                      started=t_start, batch_size=cfg.batch_size, progress=cfg.progress, desc="distill")
+    result = train_loop(loop, model=student, optimizer=optimizer, scheduler=scheduler, device=device,
+                        backward=_make_backward(cfg, fwd, teacher, source, device, rank, world),
+                        meta={"distill_config": jsonable(cfg), "model_config": _arch(student)},
+                        check_meta=_check_resumed(cfg, student))
+    summary, plain = {}, None
+    if rank == 0 and result.signal is None:
+        summary, plain = _finish(cfg, result, student, teacher, grid, world, keep_student)
     if own_group:
         dist.barrier()  # rank 0 finished writing before anyone exits
         dist.destroy_process_group()
+    if result.signal is not None:
+        raise KeyboardInterrupt(f"{result.signal} at step {result.step}: checkpoint {result.last_checkpoint}; resume with --resume")
     return summary, (plain.to(device).eval() if keep_student and plain is not None else None)
+
+
+def _print_start(cfg, student, teacher, trainable, grid, device, world) -> None:
+    n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in teacher.parameters())
+    what = cfg.trainable + (f", rank {cfg.lora_rank} on {cfg.lora_targets}" if cfg.trainable == "lora" else "")
+    use_teacher = cfg.distill_weight > 0
+    loss_desc = " + ".join([f"{cfg.distill_weight:g} * distillation"] * use_teacher
+                           + [f"{cfg.diffusion_weight:g} * diffusion"] * (cfg.diffusion_weight > 0))
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    print(f"distill: {n_all / 1e6:.2f} M params ({n_trainable / 1e6:.3f} M trainable in {len(trainable)} tensors: "
+          f"{what}), {math.prod(grid)} tokens, {cfg.sparse_config().describe()}\n"
+          f"device {device} x{world}, {'bf16 autocast' if bf16 else 'fp32'}"
+          f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}, global batch {cfg.batch_size} "
+          f"(accum {cfg.grad_accum}), loss {loss_desc}, data split {cfg.data!r}, steps ->{cfg.steps}", file=sys.stderr)
+
+
+def _finish(cfg, result, student, teacher, grid, world, keep_student):
+    """Rank 0: summary.json, the exported student (weights + sparse_config.json) and the loss curve."""
+    from .plots import read_jsonl, save_loss_curve
+
+    out = Path(cfg.out)
+    records = [r for r in read_jsonl(out / "log.jsonl") if r["kind"] == "train"]
+    tail = records[-max(1, len(records) // 10):] if records else []
+    use_teacher = cfg.distill_weight > 0
+    summary = {
+        "step": result.step, "steps": cfg.steps, "stop_reason": result.stop_reason, "world_size": world,
+        "batch_size": cfg.batch_size, "first_loss": records[0]["loss"] if records else None,
+        "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+        "wall_time_s": result.elapsed_s, "train_loop_s": result.loop_s,
+        "steps_per_s": result.steps_this_call / result.loop_s if result.steps_this_call and result.loop_s > 0 else None,
+        "tokens": math.prod(grid), "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "sparse_config": cfg.sparse_config().to_dict(), "config": jsonable(cfg),
+    }
+    plain = _plain_student(student, teacher) if cfg.export or keep_student else None
+    if cfg.export:
+        summary["student_dir"] = str(save_student(plain, out / "student"))
+        cfg.sparse_config().save(out / "student")
+    if cfg.plot:
+        try:
+            objective = "velocity-distillation" if use_teacher else "diffusion"
+            save_loss_curve(out / "log.jsonl", out / "loss_curve.png", ylabel="training loss",
+                            title=f"{objective} fine-tuning ({cfg.sparse_config().describe()}, {result.step} steps, batch {cfg.batch_size})")
+        except ImportError:  # matplotlib is optional
+            pass
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary, plain
 
 
 def _plain_student(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -710,23 +627,6 @@ def save_student(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     # plain nn.Module.to: diffusers' override warns about fp16 inference, irrelevant for storage
     torch.nn.Module.to(half, dtype=torch.float16).save_pretrained(Path(path), safe_serialization=True)
     return Path(path)
-
-
-def sparse_setting(sparse_config) -> dict:
-    """The fields of a SparseConfig that define a student's mask (topk, topp, block_q, block_k,
-    token_order, keep_diagonal, keep_sink), JSON-ready: Fractions become floats."""
-    frac = lambda x: None if x is None else float(x)  # noqa: E731
-    return {"topk": frac(sparse_config.topk), "topp": frac(sparse_config.topp), "block_q": sparse_config.block_q,
-            "block_k": sparse_config.block_k, "token_order": sparse_config.token_order,
-            "keep_diagonal": sparse_config.keep_diagonal, "keep_sink": sparse_config.keep_sink}
-
-
-def write_sparse_setting(path: str | os.PathLike, sparse_config) -> Path:
-    """Record the mask a student was trained for (:func:`sparse_setting`) in
-    ``path/sparse_config.json``: ``vidsparse demo --distilled-path`` and ``vidsparse eval`` default to it."""
-    file = Path(path) / "sparse_config.json"
-    file.write_text(json.dumps(sparse_setting(sparse_config), indent=1) + "\n")
-    return file
 
 
 # ----------------------------------------------------------------------------------------------

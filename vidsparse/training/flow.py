@@ -25,6 +25,7 @@ __all__ = [
     "shift_time",
     "sample_timesteps",
     "predict_velocity",
+    "velocity",
     "flow_matching_loss",
 ]
 
@@ -103,6 +104,15 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     if hasattr(model, "proj_out"):
         return model.proj_out.weight.dtype
     return next(model.parameters()).dtype
+
+
+def velocity(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """One network call with condition keyword arguments ``cond`` (floating tensors cast to the
+    model's dtype, like ``x_t``); the result is returned in x_t's dtype."""
+    dtype = _model_dtype(model)
+    cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+    out = model(hidden_states=x_t.to(dtype), timestep=model_timestep(t), **cond).sample
+    return out.to(x_t.dtype)
 
 
 def predict_velocity(
