@@ -256,3 +256,11 @@ def test_a_copy_of_a_patched_model_is_patched_on_its_own(how):
         vidsparse.unpatch(twin)
         vidsparse.unpatch(model)
         torch.testing.assert_close(run(model), dense)
+
+
+def test_bench_without_triton_names_the_extra(monkeypatch):
+    from vidsparse import bench
+
+    monkeypatch.setitem(__import__("sys").modules, "triton.testing", None)
+    with pytest.raises(SystemExit, match=r"pip install 'vidsparse\[triton\]'"):
+        bench.main(["attention", "--sparsities", "0.5"])

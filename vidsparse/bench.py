@@ -48,6 +48,9 @@ def bench_attention(
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from ._optional import require
+
+    require("triton.testing", "triton")  # MissingDependencyError naming the extra, not a traceback
     import triton.testing
 
     import vidsparse
@@ -219,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         if value < 16 or value & (value - 1):
             p.error(f"argument {flag}: must be a power of two >= 16, got {value}")
     sparsities = args.sparsities
-    result = bench_attention(
-        shape=args.shape, heads=args.heads, sparsities=sparsities, dtype_name=args.dtype,
-        backward=not args.no_backward, flex=not args.no_flex, rep_ms=args.rep_ms,
-        block_q=args.block_q, block_k=args.block_k,
-    )
+    from ._optional import MissingDependencyError
+
+    try:
+        result = bench_attention(
+            shape=args.shape, heads=args.heads, sparsities=sparsities, dtype_name=args.dtype,
+            backward=not args.no_backward, flex=not args.no_flex, rep_ms=args.rep_ms,
+            block_q=args.block_q, block_k=args.block_k,
+        )
+    except MissingDependencyError as exc:
+        raise SystemExit(f"vidsparse bench attention: {exc}") from None
     table = format_table(result)
     result["table_markdown"] = table
     if args.out:
