@@ -83,9 +83,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .evaluate import _device_name, _jsonable, _versions
+from ..utils import device_name as _device_name, jsonable as _jsonable, versions as _versions
 from ..maskers.token_order import TOKEN_ORDERS
-from ..training.distill import _optional_float
+from ..training.distill import optional_float as _optional_float
 
 __all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "main"]
 

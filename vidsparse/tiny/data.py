@@ -78,6 +78,8 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "navy": (0.08, 0.12, 0.50),
 }
 _COLOUR_NAMES = tuple(COLOURS)
+#: colour names in index order (the condition's colour ids)
+COLOUR_NAMES = _COLOUR_NAMES
 _COLOUR_RGB = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
 
 #: motion names; the first 4 are training motions, the rest shifted ("looping" is a figure eight).

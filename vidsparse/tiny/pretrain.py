@@ -656,7 +656,7 @@ def _model_card(cfg: TrainConfig, model, s: dict[str, Any], nbytes: int, diffuse
     mc = dict(model.config)
     d = cfg.data
     from .data import BACKGROUNDS, MOTIONS, SHAPES, SPLIT_VOCAB
-    from .data import _COLOUR_NAMES
+    from .data import COLOUR_NAMES as _COLOUR_NAMES
     from .classifier import per_shape_text
 
     def names(kind: str, table) -> str:

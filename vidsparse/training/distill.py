@@ -633,7 +633,7 @@ def save_student(model: torch.nn.Module, path: str | os.PathLike) -> Path:
 # Command line
 
 
-def _optional_float(text: str) -> float | None:
+def optional_float(text: str) -> float | None:
     if text.lower() == "none":
         return None
     try:
@@ -675,7 +675,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention: to_q/to_k/to_v/to_out.0 of attn1 and attn2; attention+ffn: also the FFN")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass (less memory)")
     p.add_argument("--topk", type=float, default=d.topk)
-    p.add_argument("--topp", type=_optional_float, default=d.topp, help="a float, or 'none' for Top-k only")
+    p.add_argument("--topp", type=optional_float, default=d.topp, help="a float, or 'none' for Top-k only")
     p.add_argument("--block-q", type=int, default=d.block_q)
     p.add_argument("--block-k", type=int, default=d.block_k)
     p.add_argument("--backend", default=d.backend, help="auto, triton, flex, gather or reference")
