@@ -27,8 +27,9 @@ The plan's ``perm`` is per (batch, head): the frame-major or the position-major 
 ``token_order`` option therefore has no effect on the kept tokens (the method picks its own order).
 
 Options: ``budget`` (0.05), ``samples`` (64), ``profile_every`` (1). Sparsity is set by ``budget``:
-block sparsity is about ``1 - budget`` minus the blocks straddling group borders (Wan 480p, 128 x 64
-blocks: budget 0.05 keeps about 6% of the blocks).
+block sparsity is about ``1 - budget`` minus the blocks straddling group borders. Wan 480p, 128 x 64
+blocks: budget 0.05 gives 94.7% (spatial heads) / 94.6% (temporal); 0.1 gives 85.7% / 89.7% (the
+frame radius moves in whole frames: rt = 1 is three frames); 0.2 gives 77.1% / 80.4%.
 """
 
 from __future__ import annotations
