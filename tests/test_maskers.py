@@ -17,6 +17,7 @@ from vidsparse.maskers import svg as S
 from vidsparse.maskers import svg2 as S2
 from vidsparse.maskers import vmoba as V
 from vidsparse.maskers import xattention as X
+from vidsparse.maskers import groups
 from vidsparse.maskers.token_order import grid_coords, token_permutation
 
 GRID = (4, 8, 8)
@@ -124,8 +125,8 @@ def test_group_block_mask_equals_reference():
         qg = torch.sort(torch.randint(0, cq, (lq,), generator=g)).values
         kg = torch.sort(torch.randint(0, ck, (lk,), generator=g)).values
         keep = torch.rand(cq, ck, generator=g) < 0.2
-        got = S2.group_block_mask(qg[None, None], kg[None, None], keep[None, None], block_q=16, block_k=32)
-        assert torch.equal(got[0, 0], S2.group_block_mask_reference(qg, kg, keep, block_q=16, block_k=32))
+        got = groups.group_block_mask(qg[None, None], kg[None, None], keep[None, None], block_q=16, block_k=32)
+        assert torch.equal(got[0, 0], groups.group_block_mask_reference(qg, kg, keep, block_q=16, block_k=32))
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.9, 1.0])

@@ -146,6 +146,8 @@ class SparseLayer:
         self.layer = layer
         self.masker = state.config.masker
         self.masker_state = self.masker.new_state()  # per layer, owned here (e.g. cached centroids)
+        if isinstance(self.masker_state, dict):
+            self.masker_state["layer"] = layer
         self._options = {"cpu": options}
 
     def options_on(self, device) -> dict:

@@ -173,6 +173,8 @@ class RadialMasker(Masker):
 
     defaults = {"dense_frames": 1, "sink_frames": 1, "decay": 1.0, "vote": 0.5}
     needs_grid = True
+    # the decay widens the bands; no dense neighbour or sink frame, so high sparsity is reachable
+    density_option, density_bounds, density_fixed = "decay", (1e-3, 8.0), {"dense_frames": 0, "sink_frames": 0}
 
     def validate(self, options, heads):
         o = dict(options)

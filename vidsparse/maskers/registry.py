@@ -15,7 +15,8 @@ class does what every method needs, once:
 
 A method implements :meth:`Masker.build` (the eager reference, and a GPU path where it has one)
 and declares its options with defaults. State kept between calls (cached centroids, profiles)
-lives in the ``state`` dict the caller owns per layer (:meth:`Masker.new_state`), not in globals.
+lives in the ``state`` dict the caller owns per layer (:meth:`Masker.new_state`), not in globals;
+the diffusers integration puts the layer index in it under ``"layer"``.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ import torch
 from ..mask import BlockMask, num_blocks
 from ..plan import MaskPlan
 from .registry import Masker, register
-from .svg2 import group_block_mask, raster_to_seen, work_dtype
+from .groups import group_block_mask, raster_to_seen, work_dtype
 from .token_order import grid_coords
 
 __all__ = ["svg_radii", "svg_orders", "profile_heads", "svg_reference", "svg_plan", "SVGMasker"]
@@ -167,6 +167,7 @@ class SVGMasker(Masker):
 
     defaults = {"budget": 0.05, "samples": 64, "profile_every": 1}
     needs_grid = True
+    density_option, density_bounds = "budget", (1e-3, 1.0)
 
     def validate(self, options, heads):
         o = dict(options)

@@ -40,7 +40,7 @@ import torch
 from ..mask import BlockMask, num_blocks
 from ..plan import MaskPlan
 from .registry import Masker, register
-from .svg2 import key_groups_to_blocks, raster_to_seen, work_dtype
+from .groups import key_groups_to_blocks, raster_to_seen, work_dtype
 from .token_order import grid_coords
 
 __all__ = ["PARTITIONS", "chunk_ids", "vmoba_reference", "vmoba_plan", "VMoBAMasker"]
@@ -164,6 +164,7 @@ class VMoBAMasker(Masker):
     defaults = {"partition": "cycle", "layer": None, "chunk_1d": 1, "chunk_2d": (8, 8), "chunk_3d": (4, 8, 8),
                 "topk": 0.1, "threshold": None}
     needs_grid = True
+    density_option, density_bounds = "topk", (1e-3, 1.0)
 
     def validate(self, options, heads):
         o = dict(options)
@@ -193,6 +194,8 @@ class VMoBAMasker(Masker):
 
     def build(self, q, k, *, block_q, block_k, grid, positions, state, partition, layer, **options):
         if partition == "cycle":
+            if layer is None and state is not None:
+                layer = state.get("layer")  # set by the diffusers integration
             if layer is not None:
                 partition = PARTITIONS[layer % 3]
             elif state is not None:

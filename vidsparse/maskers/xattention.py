@@ -141,6 +141,7 @@ class XAttentionMasker(Masker):
     """XAttention's antidiagonal scoring with a cumulative threshold (see the module docstring)."""
 
     defaults = {"stride": 8, "threshold": 0.9}
+    density_option, density_bounds = "threshold", (1e-3, 1.0)
 
     def validate(self, options, heads):
         s, t = options["stride"], options["threshold"]
