@@ -46,9 +46,15 @@ def attention(q, k, v, mask: BlockMask, scale: float) -> tuple[torch.Tensor, tor
     bq, bk = mask.block_q, mask.block_k
     nqb, nkb = mask.num_q_blocks, mask.num_k_blocks
     cnt = mask.kv_counts.expand(b, h, nqb)
-    # at least one slot: a mask that keeps nothing runs as all-empty rows (o = 0, zero gradients)
-    width = max(1, int(cnt.max()) if cnt.numel() else 0)
     table = mask.kv_indices
+    if torch.compiler.is_compiling():
+        # reading the counts on the host would break the graph (issue 19): gather the table's
+        # full width instead; padding slots are masked out below, so the result is the same, but
+        # the work is that of dense attention (compiled models on the GPU run Triton instead)
+        width = max(1, table.shape[-1])
+    else:
+        # at least one slot: a mask that keeps nothing runs as all-empty rows (o = 0, zero gradients)
+        width = max(1, int(cnt.max()) if cnt.numel() else 0)
     if table.shape[-1] < width:  # only when nothing is kept (width 0 table)
         table = F.pad(table, (0, width - table.shape[-1]))
     idx = table[..., :width].expand(b, h, nqb, width).long()
