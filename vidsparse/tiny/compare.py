@@ -36,7 +36,7 @@ from .. import maskers
 from ..config import SparseConfig
 from ..mask import BlockMask
 from ..plan import MaskPlan
-from ..utils import device_name, hash_seed, jsonable, resolve_device, versions
+from ..utils import check_output_dir, device_name, hash_seed, jsonable, resolve_device, versions
 
 __all__ = ["Variant", "default_variants", "compare", "main"]
 
@@ -443,7 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         parser.error(f"--device: {exc}")
-    out = _writable_dir(args.out, parser)
+    try:
+        out = check_output_dir(args.out, "--out")
+    except ValueError as exc:
+        parser.error(str(exc))
     gpu = device.type == "cuda"
     settings = Settings(clips=args.clips or (32 if gpu else 8), num_t=args.times,
                         samples=(8 if gpu else 1) if args.samples is None else args.samples,
@@ -460,19 +463,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(result))
     print(f"\nwrote {out / 'compare.json'}, {out / 'pareto.png'} ({time.perf_counter() - t0:.0f} s)")
     return 0
-
-
-def _writable_dir(path: Path, parser) -> Path:
-    if path.exists() and not path.is_dir():
-        parser.error(f"--out: {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".vidsparse_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        parser.error(f"--out: cannot write to {path} ({exc.strerror})")
-    return path
 
 
 def _write(result: dict, out: Path) -> None:
