@@ -281,9 +281,10 @@ def test_resume_is_exact(tmp_path):
     second = train(_mini_train_config(tmp_path / "split", resume="auto"))
     assert straight["step"] == second["step"] == 4
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for part in ("model", "ema"):  # the EMA is one of the loop's extra state objects
+        pa, pb = (a[part], b[part]) if part == "model" else (a["state"][part], b["state"][part])
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), (part, k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["scheduler"] == b["scheduler"]
@@ -361,6 +362,8 @@ def test_auto_steps_fill_the_time_limit(tmp_path, monkeypatch):
     import time as real_time
 
     import vidsparse.tiny.pretrain as pretrain_mod
+    import vidsparse.training.loop as loop_mod
+    import vidsparse.training.planner as planner_mod
 
     class FakeClock:
         now = 0.0
@@ -372,7 +375,8 @@ def test_auto_steps_fill_the_time_limit(tmp_path, monkeypatch):
         def __getattr__(self, name):
             return getattr(real_time, name)
 
-    monkeypatch.setattr(pretrain_mod, "time", FakeClock())
+    for mod in (pretrain_mod, loop_mod, planner_mod):  # the run, the loop's time limit and the plan
+        monkeypatch.setattr(mod, "time", FakeClock())
     cfg = _mini_train_config(tmp_path, steps="auto", time_limit_min=0.04, time_reserve_s=0.0, warmup_steps=30,
                              log_every=10, eval_every=1000, ckpt_every=1000)
     summary = train(cfg)

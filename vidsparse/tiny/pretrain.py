@@ -7,7 +7,10 @@ Run it as a module::
 (``--steps auto`` times the first steps and then plans as many as fit the wall-clock limit,
 minus ``time_reserve_s`` for the final checkpoint and export.)
 
-Batches are rendered on the training device every step (no data loader). Per step: clips
+The run is :func:`vidsparse.training.loop.train_loop` (resume, checkpoints, time limit, log,
+signals); the EMA and the ``steps="auto"`` plan are its checkpointed state objects and the
+periodic evaluation runs in its callback. Batches are rendered on the training device every
+step (no data loader). Per step: clips
 ``[step * B, (step + 1) * B)`` of the "train" split, and noise / timesteps / condition dropout
 from a generator seeded by ``(seed, step)``; so the data never needs RNG state and a resumed run
 repeats the straight run exactly (bit-identical on CPU; on GPU up to non-deterministic kernels).
@@ -18,7 +21,7 @@ Output directory layout::
       log.jsonl              one record per log interval ("train") and per evaluation ("eval")
       loss_curve.png
       summary.json
-      checkpoints/step-0000500.pt   model, EMA, optimizer, scheduler, RNG states, step, configs
+      checkpoints/step-0000500.pt   model, optimizer, scheduler, state (EMA, step plan), RNG, step, configs
       model/                 the EMA weights in fp16, saved with save_pretrained (safetensors)
         config.json  diffusion_pytorch_model.safetensors  sampling.json  MODEL_CARD.md
         samples.png  loss_curve.png
@@ -35,11 +38,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import functools
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -48,17 +50,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .data import ShapesConfig, make_batch
+from ..training.ema import EMA
 from ..training.flow import TIMESTEP_SAMPLING, flow_matching_loss, sample_timesteps
+from ..training.loop import LoopConfig, StepInfo, list_checkpoints, prepare_out, train_loop
 from ..training.optim import make_optimizer, make_scheduler
-from ..utils import hash_seed, resolve_device
+from ..training.planner import StepPlanner
+from ..training.plots import read_jsonl, save_loss_curve
+from ..utils import device_name, hash_seed, jsonable, resolve_device
+from .data import ShapesConfig, make_batch
 from .flow import check_sampler_settings, describe_sampler
 
+# EMA and list_checkpoints are re-exported: they were defined here before the shared loop existed
 __all__ = ["TrainConfig", "train", "main", "EMA", "list_checkpoints"]
 
-_CKPT_VERSION = 1
 _PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -193,85 +198,25 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks (public so fine-tuning code and tests can reuse them)
+# Training on the shared loop (vidsparse.training.loop)
+
+# stream tags of the per-step generators: 0 = train batches, 1 = validation noise, 2 = samples
+_STREAM_TRAIN, _STREAM_VAL, _STREAM_SAMPLES = 0, 1, 2
+# settings that only steer a run (where it stops, what it prints) and may change on resume silently
+_RUN_CONTROL = {"out", "resume", "stop_at", "time_limit_min", "time_reserve_s", "progress", "command", "export", "steps"}
 
 
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(hash_seed(*parts))
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_dir(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def list_checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Checkpoint files of a run directory, oldest first."""
-    d = _checkpoint_dir(Path(out))
-    return sorted(d.glob("step-*.pt")) if d.is_dir() else []
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a truncated checkpoint
-
-
-def _prune_checkpoints(out: Path, keep: int) -> None:
-    for old in list_checkpoints(out)[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-# settings that only steer a run (where it stops, what it prints) and may change on resume silently
-_RUN_CONTROL = {"out", "resume", "stop_at", "time_limit_min", "time_reserve_s", "progress", "command", "export", "steps"}
-
-
-def _changed_hyperparameters(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    return {k: (old.get(k), v) for k, v in new.items() if k not in _RUN_CONTROL and old.get(k) != v}
-
-
 def _arch(model: torch.nn.Module) -> dict[str, Any]:
     """The model's constructor arguments (diffusers' private "_..." bookkeeping keys dropped)."""
-    return _jsonable({k: v for k, v in dict(model.config).items() if not k.startswith("_")})
+    return jsonable({k: v for k, v in dict(model.config).items() if not k.startswith("_")})
 
 
-def _truncate_log(log_path: Path, step: int) -> None:
-    """Drop log records written after ``step`` (by a run that died after its last checkpoint)."""
-    if not log_path.exists():
-        return
-    keep = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    log_path.write_text("".join(line + "\n" for line in keep))
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
+def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 @torch.no_grad()
@@ -286,6 +231,14 @@ def _validation_loss(model, batch, batch_size: int, amp) -> float:
     return total / x0.shape[0]
 
 
+def _validation_batch(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The fixed validation batch: "val" split, fixed noise, t evenly spread over (0, 1)."""
+    x0, emb, _ = make_batch(cfg.eval_clips, seed=cfg.seed, split="val", config=cfg.data, device=device)
+    noise = torch.randn(x0.shape, generator=_generator(device, cfg.seed, _STREAM_VAL), device=device)
+    t = (torch.arange(cfg.eval_clips, device=device, dtype=torch.float32) + 0.5) / cfg.eval_clips
+    return x0, emb, noise, t
+
+
 def _load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy the weights of the saved model in ``path`` into ``model`` (same architecture, fp32)."""
     from .model import load_tiny_wan
@@ -297,301 +250,183 @@ def _load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     print(f"initialised from {path}", file=sys.stderr)
 
 
+def _build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The freshly initialised model (or ``init_from``'s weights), in float32 on the CPU."""
+    from .model import build_tiny_wan
+
+    model = build_tiny_wan(seed=cfg.seed, **cfg.model_overrides)
+    if model.config.text_dim != cfg.data.text_dim:
+        raise ValueError(
+            f"model text_dim={model.config.text_dim} must equal data.text_dim={cfg.data.text_dim} "
+            "(set both, e.g. model_overrides={'text_dim': ...})"
+        )
+    if cfg.init_from is not None and cfg.resume is None:
+        _load_init_weights(model, cfg.init_from)
+    return model
+
+
+def _make_backward(cfg: TrainConfig, fwd, device: torch.device, amp) -> Callable[[int], dict[str, torch.Tensor]]:
+    """The loop's per-step callable: clips ``[step * B, (step + 1) * B)`` and noise / t / dropout
+    from a generator seeded by ``(seed, step)``, so the data need no RNG state on resume."""
+
+    def backward(step: int) -> dict[str, torch.Tensor]:
+        x0, emb, _ = make_batch(cfg.batch_size, seed=cfg.seed, split="train", start=step * cfg.batch_size,
+                                config=cfg.data, device=device)
+        g = _generator(device, cfg.seed, _STREAM_TRAIN, step)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        t = sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std, shift=cfg.t_shift,
+                             generator=g, device=device)
+        keep = torch.rand(cfg.batch_size, generator=g, device=device) >= cfg.cond_dropout
+        with amp():
+            loss = flow_matching_loss(fwd, x0, emb * keep[:, None, None], noise, t)
+        loss.backward()
+        return {"loss": loss.detach()}
+
+    return backward
+
+
+def _check_resumed(cfg: TrainConfig, model: torch.nn.Module) -> Callable[[dict, Path], None]:
+    """Refuse a checkpoint of another model or data geometry; print changed hyperparameters."""
+    arch, data = _arch(model), jsonable(cfg.data)
+
+    def check(meta: dict, path: Path) -> None:
+        if meta.get("model_config") != arch:
+            raise ValueError(f"checkpoint {path} was trained with another model config: {meta.get('model_config')}")
+        if meta.get("data_config") != data:
+            raise ValueError(f"checkpoint {path} was trained with another data config: {meta.get('data_config')}")
+        old = meta.get("train_config", {})
+        changed = {k: (old.get(k), v) for k, v in jsonable(cfg).items() if k not in _RUN_CONTROL and old.get(k) != v}
+        if changed:
+            print(f"note: resuming with changed settings: {changed}", file=sys.stderr)
+
+    return check
+
+
+class _Evaluator:
+    """Validation loss of the raw and the EMA weights on the fixed batch, logged as "eval" records."""
+
+    def __init__(self, cfg: TrainConfig, model, ema: EMA, val_batch, amp):
+        self.cfg, self.model, self.ema, self.val_batch, self.amp = cfg, model, ema, val_batch, amp
+
+    def __call__(self, step: int, elapsed_s: float, log: Callable[[dict], None]) -> None:
+        self.model.eval()
+        v = _validation_loss(self.model, self.val_batch, self.cfg.batch_size, self.amp)
+        v_ema = _validation_loss(self.ema.model, self.val_batch, self.cfg.batch_size, self.amp)
+        self.model.train()
+        log({"kind": "eval", "step": step, "val_loss": v, "val_loss_ema": v_ema, "elapsed_s": elapsed_s})
+
+
+def _make_callback(cfg: TrainConfig, model, ema: EMA, planner: StepPlanner | None, evaluate: _Evaluator):
+    """After each optimizer step: the EMA update, the step plan (``steps="auto"``), evaluation."""
+
+    def callback(info: StepInfo) -> None:
+        ema.update(model, info.step)
+        total = info.total
+        if planner is not None and total is None:
+            planner.observe(info.step)
+            total = planner()
+            if total is not None:
+                print(f"\nsteps='auto': measured throughput fits {total} steps in the time limit", file=sys.stderr)
+        if info.step % cfg.eval_every == 0 or info.step == total:
+            evaluate(info.step, info.elapsed_s, info.log)
+
+    return callback
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns the summary that is also written to summary.json."""
-    from tqdm.auto import tqdm
-
-    from .model import build_tiny_wan, count_parameters, describe_model, token_grid
+    from .model import describe_model, token_grid
 
     t_start = time.monotonic()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
+    out = prepare_out(cfg.out, cfg.resume)  # fail before any work on an occupied or unwritable --out
     device = resolve_device(cfg.device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-
-    def amp():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    data = cfg.data
-    model = build_tiny_wan(seed=cfg.seed, **cfg.model_overrides)
-    if model.config.text_dim != data.text_dim:
-        raise ValueError(
-            f"model text_dim={model.config.text_dim} must equal data.text_dim={data.text_dim} "
-            "(set both, e.g. model_overrides={'text_dim': ...})"
-        )
-    grid = token_grid(model.config, data.frames, data.size, data.size)
-    if cfg.init_from is not None and cfg.resume is None:
-        _load_init_weights(model, cfg.init_from)
-    model.to(device).train()
+    amp = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=_use_bf16(cfg, device))
+    model = _build_model(cfg).to(device).train()
+    grid = token_grid(model.config, cfg.data.frames, cfg.data.size, cfg.data.size)
     ema = EMA(model, cfg.ema_decay)
-    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=cuda)
-    auto_steps = cfg.steps == "auto"
-    plan = {"total": None if auto_steps else cfg.steps}  # fixed later when steps="auto"
-    scheduler = make_scheduler(
-        optimizer, warmup_steps=cfg.warmup_steps, total_steps=lambda: plan["total"], min_lr_ratio=cfg.min_lr_ratio
-    )
-
-    # ---- resume
-    step, prev_elapsed = 0, 0.0
-    ckpts = list_checkpoints(out)
-    if cfg.resume is None and ckpts:
-        raise ValueError(f"{out} already holds checkpoints ({ckpts[-1].name}); pass resume='auto' (--resume) or a new out")
-    if cfg.resume is not None:
-        path = ckpts[-1] if cfg.resume == "auto" and ckpts else Path(cfg.resume)
-        if cfg.resume == "auto" and not ckpts:
-            raise FileNotFoundError(f"resume='auto' but {_checkpoint_dir(out)} has no checkpoints")
-        if not path.is_file():
-            raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("model_config") != _arch(model):
-            raise ValueError(f"checkpoint {path} was trained with another model config: {state.get('model_config')}")
-        if state.get("data_config") != _jsonable(data):
-            raise ValueError(f"checkpoint {path} was trained with another data config: {state.get('data_config')}")
-        changed = _changed_hyperparameters(state.get("train_config", {}), _jsonable(cfg))
-        if changed:
-            print(f"note: resuming with changed settings: {changed}", file=sys.stderr)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"], device)
-        step, prev_elapsed = int(state["step"]), float(state["elapsed_s"])
-        if auto_steps:
-            plan["total"] = state.get("total_steps")  # keep the schedule the run chose
-        _truncate_log(log_path, step)
-        print(f"resumed from {path} at step {step}", file=sys.stderr)
-    elif log_path.exists():
-        log_path.unlink()  # fresh run in a directory without checkpoints: start a fresh log
-
-    fwd_model = torch.compile(model) if cfg.compile else model
-
-    # ---- fixed validation batch: val split, fixed noise, t evenly spread over (0, 1)
-    val_x0, val_emb, _ = make_batch(cfg.eval_clips, seed=cfg.seed, split="val", config=data, device=device)
-    val_noise = torch.randn(val_x0.shape, generator=_generator(device, cfg.seed, 1), device=device)
-    val_t = (torch.arange(cfg.eval_clips, device=device, dtype=torch.float32) + 0.5) / cfg.eval_clips
-    val_batch = (val_x0, val_emb, val_noise, val_t)
-
-    def checkpoint(at: int) -> Path:
-        path = _checkpoint_dir(out) / f"step-{at:07d}.pt"
-        _save_checkpoint(
-            path,
-            {
-                "version": _CKPT_VERSION,
-                "step": at,
-                "total_steps": plan["total"],
-                "elapsed_s": prev_elapsed + time.monotonic() - t_start,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(device),
-                "train_config": _jsonable(cfg),
-                "model_config": _arch(model),
-                "data_config": _jsonable(data),
-            },
-        )
-        _prune_checkpoints(out, cfg.keep_checkpoints)
-        return path
-
-    def log(record: dict[str, Any]) -> None:
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    last_eval_step = -1
-
-    def evaluate(at: int) -> None:
-        nonlocal last_eval_step
-        model.eval()
-        v = _validation_loss(model, val_batch, cfg.batch_size, amp)
-        v_ema = _validation_loss(ema.model, val_batch, cfg.batch_size, amp)
-        model.train()
-        log({"kind": "eval", "step": at, "val_loss": v, "val_loss_ema": v_ema, "elapsed_s": prev_elapsed + time.monotonic() - t_start})
-        last_eval_step = at
-
-    tokens = math.prod(grid)
-    print(
-        f"{describe_model(model, data.frames, data.size)}\n"
-        f"device {_device_name(device)}, {'bf16 autocast' if use_bf16 else 'fp32'}, batch {cfg.batch_size} "
-        f"({cfg.batch_size * tokens} tokens), steps {step}->{plan['total'] or 'auto'}",
-        file=sys.stderr,
-    )
-
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=device.type == "cuda")
     limit_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
-    stop_reason = "completed"
-    last_ckpt_step = step if cfg.resume else -1
-    loss_sum = torch.zeros((), device=device)
-    gn_sum = torch.zeros((), device=device)
-    n_acc, t_log, step_time = 0, time.monotonic(), None
-    bar = tqdm(total=plan["total"], initial=step, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
-    calib_from = None  # (step, time) where the throughput measurement for steps="auto" began
-    try:
-        while plan["total"] is None or step < plan["total"]:
-            if cfg.stop_at is not None and step >= cfg.stop_at:
-                stop_reason = f"stop_at={cfg.stop_at}"
-                break
-            if limit_s is not None:
-                needed = (step_time or 0.0) * 1.5 + cfg.time_reserve_s
-                if time.monotonic() - t_start + needed > limit_s:
-                    stop_reason = f"time limit ({cfg.time_limit_min} min)"
-                    break
-            t_step = time.monotonic()
-            x0, emb, _ = make_batch(cfg.batch_size, seed=cfg.seed, split="train", start=step * cfg.batch_size, config=data, device=device)
-            g = _generator(device, cfg.seed, 0, step)
-            noise = torch.randn(x0.shape, generator=g, device=device)
-            t = sample_timesteps(
-                cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std, shift=cfg.t_shift, generator=g, device=device
-            )
-            keep = torch.rand(cfg.batch_size, generator=g, device=device) >= cfg.cond_dropout
-            emb = emb * keep[:, None, None]
-            with amp():
-                loss = flow_matching_loss(fwd_model, x0, emb, noise, t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # max_norm=inf measures the norm without clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            ema.update(model, step)
-            loss_sum += loss.detach()
-            gn_sum += grad_norm.detach().float()
-            n_acc += 1
-            bar.update(1)
+    planner = None
+    if cfg.steps == "auto":
+        # an evaluation (two forward passes over eval_clips) costs about eval_clips / batch_size steps
+        planner = StepPlanner(time_limit_s=limit_s, started=t_start, reserve_s=cfg.time_reserve_s, device=device,
+                              overhead=cfg.eval_clips / cfg.batch_size / cfg.eval_every)
+    steps = planner if planner is not None else cfg.steps
+    scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=steps, min_lr_ratio=cfg.min_lr_ratio)
+    val_batch = _validation_batch(cfg, device)
+    evaluate = _Evaluator(cfg, model, ema, val_batch, amp)
+    print(f"{describe_model(model, cfg.data.frames, cfg.data.size)}\n"
+          f"device {device_name(device)}, {'bf16 autocast' if _use_bf16(cfg, device) else 'fp32'}, batch "
+          f"{cfg.batch_size} ({cfg.batch_size * math.prod(grid)} tokens), steps -> {cfg.steps}", file=sys.stderr)
+    loop = LoopConfig(out=out, steps=steps, grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every,
+                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, time_limit_s=limit_s,
+                      time_reserve_s=cfg.time_reserve_s, started=t_start, stop_at=cfg.stop_at, resume=cfg.resume,
+                      batch_size=cfg.batch_size, progress=cfg.progress, desc="pretrain")
+    result = train_loop(
+        loop, model=model, optimizer=optimizer, scheduler=scheduler, device=device,
+        backward=_make_backward(cfg, torch.compile(model) if cfg.compile else model, device, amp),
+        state={"ema": ema, **({"plan": planner} if planner is not None else {})},
+        meta={"train_config": jsonable(cfg), "model_config": _arch(model), "data_config": jsonable(cfg.data)},
+        check_meta=_check_resumed(cfg, model), callback=_make_callback(cfg, model, ema, planner, evaluate))
+    if result.signal is not None:
+        raise KeyboardInterrupt(f"{result.signal} at step {result.step}: checkpoint {result.last_checkpoint}; "
+                                "resume with --resume")
+    log_path = out / "log.jsonl"
+    if result.step > 0 and not any(r["kind"] == "eval" and r["step"] == result.step for r in read_jsonl(log_path)):
+        evaluate(result.step, result.elapsed_s, functools.partial(_append_record, log_path))
+    summary = _summary(cfg, result, model, grid, device, planner)
+    return _finish(cfg, summary, ema, device, val_batch, amp, out)
 
-            if plan["total"] is None:
-                calib_from = _plan_steps(cfg, plan, step, calib_from, t_start, limit_s, device)
-                if plan["total"] is not None:
-                    bar.total = plan["total"]
-                    bar.refresh()
-                    print(f"\nsteps='auto': measured throughput fits {plan['total']} steps in the time limit", file=sys.stderr)
-            total = plan["total"] or -1
 
-            if step % cfg.log_every == 0 or step == total:
-                now = time.monotonic()
-                mean_loss = float(loss_sum) / n_acc  # one host sync per log interval
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(
-                        f"loss became {mean_loss} at step {step}; last checkpoint: "
-                        f"{list_checkpoints(out)[-1] if list_checkpoints(out) else 'none'}"
-                    )
-                step_time = (now - t_log) / n_acc
-                rec = {
-                    "kind": "train",
-                    "step": step,
-                    "loss": mean_loss,
-                    "grad_norm": float(gn_sum) / n_acc,
-                    "lr": scheduler.get_last_lr()[0],
-                    "clips_per_s": cfg.batch_size / step_time,
-                    "tokens_per_s": cfg.batch_size * tokens / step_time,
-                    "elapsed_s": prev_elapsed + now - t_start,
-                }
-                log(rec)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}", clips_s=f"{rec['clips_per_s']:.0f}")
-                loss_sum.zero_()
-                gn_sum.zero_()
-                n_acc, t_log = 0, time.monotonic()
-            elif step_time is None and step >= 2:
-                step_time = time.monotonic() - t_step  # early estimate for the time limit
+def _append_record(log_path: Path, record: dict) -> None:
+    with log_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
-            if step % cfg.eval_every == 0 or step == total:
-                t_eval = time.monotonic()
-                evaluate(step)
-                t_log += time.monotonic() - t_eval  # keep evaluation out of the throughput numbers
-            if step % cfg.ckpt_every == 0:
-                checkpoint(step)
-                last_ckpt_step = step
-    except KeyboardInterrupt:
-        stop_reason = "interrupted"
-    finally:
-        bar.close()
-    if step > 0 and last_eval_step != step and not _logged_eval(log_path, step):
-        evaluate(step)  # the summary and model card report the final weights
-    if last_ckpt_step != step:
-        path = checkpoint(step)
-        print(f"checkpoint {path}", file=sys.stderr)
-    if stop_reason == "interrupted":
-        raise KeyboardInterrupt(f"interrupted at step {step}; resume with --resume")
 
-    elapsed = prev_elapsed + time.monotonic() - t_start
-    records = [r for r in _read_log(log_path) if r["kind"] == "train"]
-    evals = [r for r in _read_log(log_path) if r["kind"] == "eval"]
-    tail = records[-max(1, len(records) // 10) :] if records else []
-    summary: dict[str, Any] = {
-        "step": step,
-        "steps": plan["total"] if plan["total"] is not None else step,
-        "stop_reason": stop_reason,
+def _summary(cfg: TrainConfig, result, model, grid, device, planner) -> dict[str, Any]:
+    from .model import count_parameters
+
+    records = read_jsonl(Path(cfg.out) / "log.jsonl")
+    train_recs = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    tail = train_recs[-max(1, len(train_recs) // 10):] if train_recs else []
+    rates = [r["clips_per_s"] for r in train_recs[1:]]
+    total = planner() if planner is not None else cfg.steps
+    return {
+        "step": result.step,
+        "steps": total if total is not None else result.step,
+        "stop_reason": result.stop_reason,
         "batch_size": cfg.batch_size,
-        "clips_seen": step * cfg.batch_size,
+        "clips_seen": result.step * cfg.batch_size,
         "final_train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "val_loss_ema": evals[-1]["val_loss_ema"] if evals else None,
-        "mean_clips_per_s": (sum(r["clips_per_s"] for r in records[1:]) / (len(records) - 1)) if len(records) > 1 else None,
-        "wall_time_s": elapsed,
-        "device": _device_name(device),
-        "precision": "bf16 autocast" if use_bf16 else "fp32",
+        "mean_clips_per_s": sum(rates) / len(rates) if rates else None,
+        "wall_time_s": result.elapsed_s,
+        "device": f"{device_name(device)} (torch {torch.__version__})",
+        "precision": "bf16 autocast" if _use_bf16(cfg, device) else "fp32",
         "parameters": count_parameters(model),
-        "tokens": tokens,
+        "tokens": math.prod(grid),
         "token_grid": list(grid),
     }
-    if cfg.stop_at is None or step >= summary["steps"] or stop_reason.startswith("time"):
-        if cfg.export and step > 0:
-            summary.update(_export(cfg, ema.model, device, val_batch, amp, summary, out))
-    try:
-        from ..training.plots import save_loss_curve
 
-        save_loss_curve(log_path, out / "loss_curve.png", title=f"tiny Wan pretraining ({step} steps, batch {cfg.batch_size})")
+
+def _finish(cfg: TrainConfig, summary: dict[str, Any], ema: EMA, device, val_batch, amp, out: Path) -> dict[str, Any]:
+    """Export (unless stopped early by ``stop_at``), the loss curve and summary.json."""
+    step = summary["step"]
+    finished = cfg.stop_at is None or step >= summary["steps"] or summary["stop_reason"].startswith("time")
+    if finished and cfg.export and step > 0:
+        summary.update(_export(cfg, ema.model, device, val_batch, amp, summary, out))
+    try:
+        save_loss_curve(out / "log.jsonl", out / "loss_curve.png", title=f"tiny Wan pretraining ({step} steps, batch {cfg.batch_size})")
     except ImportError:  # matplotlib is optional
         pass
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-# steps="auto": measure the step time over steps [_CALIB_START, _CALIB_END) (after cuDNN autotuning
-# and torch.compile warm-up), then plan the rest of the time budget with a safety margin
-_CALIB_START, _CALIB_END, _PLAN_MARGIN = 5, 25, 0.93
-
-
-def _plan_steps(cfg, plan, step, calib_from, t_start, limit_s, device):
-    """Fix ``plan["total"]`` once enough steps were timed; returns the (updated) calibration start."""
-    if step < _CALIB_START:
-        return None
-    if calib_from is None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return step, time.monotonic()
-    if step - calib_from[0] < _CALIB_END - _CALIB_START:
-        return calib_from
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    now = time.monotonic()
-    step_time = (now - calib_from[1]) / (step - calib_from[0])
-    # an evaluation (two forward passes over eval_clips) costs about eval_clips / batch_size steps
-    eval_share = cfg.eval_clips / cfg.batch_size / cfg.eval_every
-    budget = limit_s - (now - t_start) - cfg.time_reserve_s
-    plan["total"] = max(step, step + int(_PLAN_MARGIN * budget / (step_time * (1 + eval_share))))
-    return calib_from
-
-
-def _logged_eval(log_path: Path, step: int) -> bool:
-    return any(r["kind"] == "eval" and r["step"] == step for r in _read_log(log_path))
-
-
-def _read_log(path: Path) -> list[dict]:
-    from ..training.plots import read_jsonl
-
-    return read_jsonl(path)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,7 +458,7 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
 
             result["sample_captions"] = save_sample_strip(
                 model_dir / "samples.png", shipped, num_samples=cfg.num_samples, seed=cfg.seed, steps=cfg.sample_steps,
-                generator=_generator(device, cfg.seed, 2), data=cfg.data, progress=cfg.progress, **sampler)
+                generator=_generator(device, cfg.seed, _STREAM_SAMPLES), data=cfg.data, progress=cfg.progress, **sampler)
             result["samples_png"] = str(model_dir / "samples.png")
         except ImportError:
             pass
@@ -638,8 +473,6 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
         result["shape_samples"] = cfg.shape_samples
 
     try:
-        from ..training.plots import save_loss_curve
-
         save_loss_curve(out / "log.jsonl", model_dir / "loss_curve.png", title=f"tiny Wan pretraining ({summary['step']} steps)")
     except ImportError:
         pass

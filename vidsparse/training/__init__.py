@@ -1,5 +1,6 @@
-"""The model-agnostic trainer: one training loop (:mod:`.loop`), velocity distillation of a sparse
-student (:mod:`.distill`), the rectified-flow maths (:mod:`.flow`), optimizer and schedule
+"""The model-agnostic trainer: one training loop (:mod:`.loop`) with its EMA (:mod:`.ema`) and
+``steps="auto"`` planner (:mod:`.planner`), velocity distillation of a sparse student
+(:mod:`.distill`), the rectified-flow maths (:mod:`.flow`), optimizer and schedule
 (:mod:`.optim`) and loss curves (:mod:`.plots`).
 
 Run ``python -m vidsparse.training.distill --help`` (or ``vidsparse distill``) for the command line.
@@ -11,8 +12,8 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "train_loop": ".loop", "LoopConfig": ".loop", "TrainState": ".loop", "StepResult": ".loop",
-    "list_checkpoints": ".loop", "load_checkpoint": ".loop",
+    "train_loop": ".loop", "LoopConfig": ".loop", "StepInfo": ".loop", "LoopResult": ".loop",
+    "list_checkpoints": ".loop", "load_checkpoint": ".loop", "EMA": ".ema", "StepPlanner": ".planner",
     "DataSource": ".distill", "DistillConfig": ".distill", "distill": ".distill", "train_student": ".distill",
     "make_optimizer": ".optim", "make_scheduler": ".optim", "flow_matching_loss": ".flow",
 }

@@ -414,7 +414,9 @@ def train_loop(
         state: extra objects with ``state_dict`` / ``load_state_dict`` to checkpoint (EMA, plans).
         meta: JSON-ready settings saved in every checkpoint; ``check_meta(saved_meta, path)``
             raises on resume when they are incompatible.
-        callback: called after every optimizer step with a :class:`StepInfo`.
+        callback: called after every optimizer step with a :class:`StepInfo` (EMA updates,
+            evaluations); its time is left out of ``clips_per_s`` and of the step time that the
+            time limit extrapolates.
     Raises:
         FloatingPointError: a non-finite loss or gradient norm (nothing saved after it).
     """
@@ -448,7 +450,9 @@ def train_loop(
                 elif run.step_time is None and steps_this_call >= 2:
                     run.step_time = (time.monotonic() - t_loop) / steps_this_call
                 if callback is not None:
+                    t_cb = time.monotonic()
                     callback(StepInfo(run.step, total, run.elapsed(), run.log, run.main))
+                    run.t_log += time.monotonic() - t_cb  # evaluations stay out of the throughput numbers
                 if run.step % cfg.ckpt_every == 0:
                     run.checkpoint()
         finally:
