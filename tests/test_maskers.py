@@ -284,7 +284,6 @@ def test_vmoba_own_chunk_and_cycle():
     ("vmoba", dict(partition="4d"), "option 'partition'"),
     ("vmoba", dict(topk=None), "option 'topk'"),
     ("vmoba", dict(chunk_3d=(2, 4)), "option 'chunk_3d'"),
-    ("vmoba", dict(partition="cycle", layer=None), "option 'layer'"),
 ])
 def test_bad_options_name_method_and_option(method, opts, match):
     q, k, _ = _qkv(b=1, h=1)

@@ -17,9 +17,10 @@ chunk by ``mean(q over the block) . mean(k over the chunk) / sqrt(D)`` and keeps
 plus, always, its own chunk(s) (those holding any of its tokens). A key block is kept when it
 holds a token of a kept chunk.
 
-``partition="cycle"`` takes 1d, 2d, 3d in turn: by ``layer % 3`` when the option ``layer`` is given
-(VMoBA's layer cycling), otherwise by the call count kept in ``state`` (one state per layer: the
-partition then cycles over calls); with neither it raises.
+``partition="cycle"`` takes 1d, 2d, 3d in turn by ``layer % 3`` (VMoBA's layer cycling): the
+layer is the option ``layer`` or, through the diffusers integration, the ``"layer"`` entry of the
+per-layer state; with a state but no layer the partition cycles over calls; a lone call with
+neither uses the 3d partition.
 
 Departures from VMoBA: gating per query *block* (VMoBA gates each query token, then runs
 variable-length FlashAttention); the own chunk is added to the selection rather than counted in
@@ -201,8 +202,7 @@ class VMoBAMasker(Masker):
             elif state is not None:
                 partition = PARTITIONS[state.get("calls", 0) % 3]
             else:
-                raise ValueError("masker 'vmoba': option 'partition'='cycle' needs option 'layer' (or a per-layer "
-                                 "state to cycle over calls); or pick partition='1d', '2d' or '3d'")
+                partition = "3d"  # a single call with no layer to cycle over: the spatio-temporal chunks
         if state is not None:
             state["calls"] = state.get("calls", 0) + 1
             state["partition"] = partition
