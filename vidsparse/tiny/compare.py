@@ -63,12 +63,17 @@ class Variant:
         return SparseConfig(self.method, opts, **fields)
 
 
-def default_variants(methods: Sequence[str]) -> list[Variant]:
-    """Each method with its defaults; "hybrid" also in tiled order (the strongest layout so far)."""
+def default_variants(methods: Sequence[str], n_tokens: int) -> list[Variant]:
+    """Each method with its defaults; "hybrid" also in tiled order (the strongest layout so far);
+    svg2's cluster counts scaled to ``n_tokens`` as its defaults are to Wan's 32,760 tokens (about
+    110 tokens per query cluster and 33 per key cluster)."""
     out = []
     for name in methods:
         maskers.get(name)  # clear error for an unknown name
-        out.append(Variant(name, name))
+        options = {}
+        if name == "svg2":
+            options = {"q_clusters": max(8, round(n_tokens / 110)), "k_clusters": max(16, round(n_tokens / 33))}
+        out.append(Variant(name, name, options))
         if name == "hybrid":
             out.append(Variant("hybrid/tiled", "hybrid", {"token_order": "tiled"}))
     return out
@@ -453,8 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         steps=args.steps or (40 if gpu else 10), batch_size=args.batch_size, seed=args.seed)
     from .model import load_tiny_wan
 
+    from .model import token_grid
+
     model = load_tiny_wan(device=device)
-    variants = default_variants(args.methods or maskers.available())
+    variants = default_variants(args.methods or maskers.available(), math.prod(token_grid(dict(model.config))))
     t0 = time.perf_counter()
     result = compare(model, variants, args.sparsities, settings, device=device)
     if gpu and not args.no_timing:
