@@ -6,6 +6,8 @@
 #   VARIANTS=1   benchmarks/kernel_variants.py: pointer vs TMA kernels, same run
 #   WAN_STEP=1   one Wan2.1-1.3B denoising step, dense vs vidsparse (needs .whl with diffusers)
 #   WAN14_LAYERS=N  also the 14B step with N layers
+#   MASKERS=1    benchmarks/bench_maskers.py: every masker's plan + kernel time at the 1.3B shape
+#   COMPARE=1    `vidsparse compare` on the tiny model (all maskers, 80/90/95%), into $OUT/compare
 # Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -33,4 +35,10 @@ fi
 if [ -n "${WAN14_LAYERS:-}" ]; then
   python3 benchmarks/bench_wan_step.py --config 14b --layers "$WAN14_LAYERS" --out "$OUT/wan14b_step.json" \
     > "$OUT/wan14b_step.log" 2>&1; tail -12 "$OUT/wan14b_step.log"
+fi
+if [ -n "${MASKERS:-}" ]; then
+  python3 benchmarks/bench_maskers.py --out "$OUT/bench_maskers.json" > "$OUT/bench_maskers.log" 2>&1; tail -20 "$OUT/bench_maskers.log"
+fi
+if [ -n "${COMPARE:-}" ]; then
+  python3 -m vidsparse.cli compare --out "$OUT/compare" ${COMPARE_ARGS:-} > "$OUT/compare.log" 2>&1; tail -30 "$OUT/compare.log"
 fi

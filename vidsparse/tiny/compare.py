@@ -234,8 +234,9 @@ def _amp(device):
 
 
 def compare(model, variants: Sequence[Variant], sparsities: Sequence[float], settings: Settings, *,
-            device, progress: bool = True) -> dict:
-    """Run the comparison; returns the JSON-ready result (see the module docstring)."""
+            device, progress: bool = True, frames_path: Path | None = None) -> dict:
+    """Run the comparison; returns the JSON-ready result (see the module docstring). With
+    ``frames_path`` and samples, writes the frame strip of sample 0 at the middle sparsity."""
     from tqdm.auto import tqdm
 
     from .model import token_grid
@@ -257,6 +258,8 @@ def compare(model, variants: Sequence[Variant], sparsities: Sequence[float], set
                                amp=amp))
             bar.update(1)
     bar.close()
+    if samples is not None and frames_path is not None:
+        frame_strip(samples, sorted(sparsities)[len(sparsities) // 2], frames_path)
     return {
         "model": str(getattr(model.config, "_name_or_path", "")), "grid": list(grid), "device": device_name(device),
         "versions": versions(), "settings": vars(settings), "dense": {"val_loss": dense_loss},
@@ -463,12 +466,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_tiny_wan(device=device)
     variants = default_variants(args.methods or maskers.available(), math.prod(token_grid(dict(model.config))))
     t0 = time.perf_counter()
-    result = compare(model, variants, args.sparsities, settings, device=device)
+    result = compare(model, variants, args.sparsities, settings, device=device, frames_path=out / "frames.png")
     if gpu and not args.no_timing:
         result["timings"] = _gpu_timings(variants, result, target=max(args.sparsities))
     _write(result, out)
     print(format_table(result))
-    print(f"\nwrote {out / 'compare.json'}, {out / 'pareto.png'} ({time.perf_counter() - t0:.0f} s)")
+    written = [out / name for name in ("compare.json", "pareto.png", "frames.png") if (out / name).exists()]
+    print(f"\nwrote {', '.join(map(str, written))} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
