@@ -25,7 +25,6 @@ tensor for one mask hands it over without a copy (``BlockMask._adopt``).
 from __future__ import annotations
 
 import math
-from functools import cached_property
 
 import torch
 
@@ -80,8 +79,12 @@ def _check_kv_range(idx: torch.Tensor, cnt: torch.Tensor, nkb: int) -> None:
 
 
 def _version(t: torch.Tensor) -> int | None:
-    # inference-mode tensors keep no version counter (and cannot be edited outside that mode)
-    return None if t.is_inference() else t._version
+    # None: not tracked. Inference-mode tensors keep no version counter (and cannot be edited
+    # outside that mode); under torch.compile the tensors are traced values (and reading the
+    # counter would break the graph), so a mask built while compiling is not tracked
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
 
 
 def _dense_to_indices(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +191,8 @@ class BlockMask:
         return t
 
     def _verify(self) -> None:
+        if torch.compiler.is_compiling():
+            return  # traced code cannot edit the caller's tensors behind the trace
         for t, version in self._frozen:
             if version is not None and t._version != version:
                 raise RuntimeError(
@@ -290,11 +295,18 @@ class BlockMask:
         self._verify()
         return self._dense_view
 
-    @cached_property
+    def _cached(self, name: str, build):
+        # a plain per-instance cache: functools.cached_property takes an RLock on Python 3.11,
+        # which torch.compile cannot trace (a graph break per use inside a compiled model)
+        if name not in self.__dict__:
+            self.__dict__[name] = build()
+        return self.__dict__[name]
+
+    @property
     def _dense_view(self) -> torch.Tensor:
         if self._dense is not None:
             return self._dense
-        return self._freeze(self._dense_from_kv())
+        return self._cached("_dense_cache", lambda: self._freeze(self._dense_from_kv()))
 
     def _dense_from_kv(self) -> torch.Tensor:
         idx, cnt = self._kv
@@ -306,13 +318,12 @@ class BlockMask:
         out.scatter_(-1, target, True)
         return out[..., : self.num_k_blocks].contiguous()
 
-    @cached_property
+    @property
     def _kv_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kv is not None and self._kv_normalised:
             return self._kv
         # no table yet, or a user's table: sort and deduplicate it through the dense view
-        idx, cnt = _dense_to_indices(self.dense)
-        return self._freeze(idx), self._freeze(cnt)
+        return self._cached("_kv_cache", lambda: tuple(self._freeze(t) for t in _dense_to_indices(self.dense)))
 
     @property
     def kv_indices(self) -> torch.Tensor:
@@ -326,10 +337,10 @@ class BlockMask:
         self._verify()
         return self._kv_table[1]
 
-    @cached_property
+    @property
     def _q_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, cnt = _dense_to_indices(self.dense.transpose(-1, -2))
-        return self._freeze(idx), self._freeze(cnt)
+        return self._cached("_q_cache", lambda: tuple(
+            self._freeze(t) for t in _dense_to_indices(self.dense.transpose(-1, -2))))
 
     @property
     def q_indices(self) -> torch.Tensor:
