@@ -20,9 +20,18 @@ Besides the step time, each variant's self-attention is timed alone on one layer
 forward with ``collect_stats=True`` reports the achieved sparsity and mask/attention time per
 layer. Times are medians over ``--repeats`` runs after ``--warmup`` runs, from CUDA events.
 
+``--compile`` adds, in the same process, the step of the whole transformer under
+``torch.compile`` (``--compile-mode``): ``dense-cudnn-compiled`` (stock processors, SDPA pinned to
+cuDNN) and ``vidsparse-XX-compiled`` (patched, then compiled). Their rows also give the speedup
+over ``dense-cudnn-compiled``, the first-call compile time and dynamo's graph and graph-break
+counts (0 breaks expected: the masker and the kernels are custom ops).
+
 Usage:
     python benchmarks/bench_wan_step.py --out wan13b.json
     python benchmarks/bench_wan_step.py --config 14b --layers 8 --out wan14b_8l.json
+    python benchmarks/bench_wan_step.py --compile --out wan13b_compiled.json        # + compiled steps
+    python benchmarks/bench_wan_step.py --compile --compile-mode max-autotune-no-cudagraphs --out wan13b_mat.json
+    python benchmarks/bench_wan_step.py --config 14b --compile --sparsity 0.95 --out wan14b_compiled.json  # all 40 layers
     python benchmarks/bench_wan_step.py --smoke --out smoke.json      # tiny model on CPU (tests)
 """
 
@@ -142,6 +151,30 @@ def _sdpa_pin(kind: str | None, device):
     return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash2": SDPBackend.FLASH_ATTENTION}[kind])
 
 
+def _compiled_step(model, call, clock, args, device) -> dict:
+    """Compile ``model`` (as patched now) and time ``call(compiled_model)``; dynamo is reset first
+    so every variant compiles from scratch. Returns the timing fields of a row."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+
+    def step():
+        return call(compiled)
+
+    t0 = time.perf_counter()
+    step()  # compiles
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    row = {"compile_s": time.perf_counter() - t0}
+    row["step_ms"], row["step_runs_ms"] = clock.time(step, args.warmup, args.repeats)
+    row["graph_breaks"] = sum(counters["graph_break"].values())
+    row["graphs"] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return row
+
+
 def _gpu_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -171,9 +204,12 @@ def run(args) -> dict:
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     clock = _Clock(device)
 
-    def step():
+    def call(m):
         with torch.inference_mode():
-            return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+            return m(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+    def step():
+        return call(model)
 
     # one layer's self-attention inputs, for the attention-only timings
     qkv = [torch.randn(1, n_tokens, heads, head_dim, generator=gen, device=device, dtype=dtype) for _ in range(3)]
@@ -196,6 +232,17 @@ def run(args) -> dict:
             row["error"] = str(exc).splitlines()[0]
         if baseline is None and "step_ms" in row:
             baseline = row
+        rows.append(row)
+    compiled_baseline = None
+    if args.compile:  # the compiled dense baseline: cuDNN, as the eager one
+        row = {"variant": "dense-cudnn-compiled", "compile_mode": args.compile_mode, "sparsity": 0.0,
+               "sdpa": "cudnn" if device == "cuda" else "default (CPU smoke)"}
+        try:
+            with _sdpa_pin("cudnn", device):
+                row.update(_compiled_step(model, call, clock, args, device))
+            compiled_baseline = row
+        except RuntimeError as exc:  # dynamo and inductor errors are RuntimeErrors
+            row["error"] = str(exc).splitlines()[0]
         rows.append(row)
 
     for sparsity in args.sparsity:
@@ -239,6 +286,22 @@ def run(args) -> dict:
         except (RuntimeError, NotImplementedError) as exc:
             row["error"] = str(exc).splitlines()[0]
         rows.append(row)
+        if args.compile:
+            crow = {k: row[k] for k in ("target_sparsity", "topk", "topp", "sdpa")}
+            crow = {"variant": row["variant"] + "-compiled", "compile_mode": args.compile_mode, **crow}
+            if "sparsity" in row:
+                crow["sparsity"] = row["sparsity"]  # the same masks as the eager step (stats need eager)
+            try:
+                with _sdpa_pin("cudnn", device):
+                    vidsparse.patch(model, SparseConfig(**common))
+                    try:
+                        crow.update(_compiled_step(model, call, clock, args, device))
+                    finally:
+                        vidsparse.unpatch(model)
+                        torch._dynamo.reset()
+            except (RuntimeError, NotImplementedError) as exc:
+                crow["error"] = str(exc).splitlines()[0]
+            rows.append(crow)
 
     if baseline is not None:
         for row in rows:
@@ -246,6 +309,10 @@ def run(args) -> dict:
                 row["step_speedup_vs_" + baseline["variant"]] = baseline["step_ms"] / row["step_ms"]
             if "attn_ms" in row and "attn_ms" in baseline:
                 row["attn_speedup_vs_" + baseline["variant"]] = baseline["attn_ms"] / row["attn_ms"]
+    if compiled_baseline is not None:
+        for row in rows:
+            if "step_ms" in row and row.get("compile_mode"):
+                row["step_speedup_vs_dense-cudnn-compiled"] = compiled_baseline["step_ms"] / row["step_ms"]
 
     import diffusers
 
@@ -270,6 +337,7 @@ def run(args) -> dict:
         "block_k": args.block_k,
         "token_order": args.token_order,
         "backend": args.backend,
+        "compile_mode": args.compile_mode if args.compile else None,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -283,28 +351,37 @@ def run(args) -> dict:
 def format_table(result: dict) -> str:
     """Plain-text table of a :func:`run` result."""
     base = next((r["variant"] for r in result["rows"] if "step_ms" in r), None)
+    compiled = result.get("compile_mode") is not None
+    w = 26 if compiled else 16
     lines = [
         f"Wan2.1 {result['config']} ({result['layers']} layers), {result['video_tokens']} video + "
         f"{result['text_tokens']} text tokens, {result['dtype']}, on {result['device']}",
         f"note: {result['note']}",
-        f"{'variant':<16}{'step ms':>11}{'speedup':>9}{'attn ms':>10}{'attn x':>8}{'sparsity':>10}"
-        f"{'mask ms/l':>11}{'attn ms/l':>11}",
+        f"{'variant':<{w}}{'step ms':>11}{'speedup':>9}{'attn ms':>10}{'attn x':>8}{'sparsity':>10}"
+        f"{'mask ms/l':>11}{'attn ms/l':>11}" + (f"{'vs cmp':>9}{'compile s':>11}{'breaks':>8}" if compiled else ""),
     ]
     def fmt(x, spec):
         return format(x, spec) if isinstance(x, (int, float)) else "-".rjust(int(spec.split(".")[0]))
 
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"{r['variant']:<16}  error: {r['error']}")
+            lines.append(f"{r['variant']:<{w}}  error: {r['error']}")
             continue
-        lines.append(
-            f"{r['variant']:<16}{fmt(r.get('step_ms'), '11.2f')}{fmt(r.get(f'step_speedup_vs_{base}'), '8.2f')}x"
+        line = (
+            f"{r['variant']:<{w}}{fmt(r.get('step_ms'), '11.2f')}{fmt(r.get(f'step_speedup_vs_{base}'), '8.2f')}x"
             f"{fmt(r.get('attn_ms'), '10.3f')}{fmt(r.get(f'attn_speedup_vs_{base}'), '7.2f')}x"
             f"{fmt(r.get('sparsity'), '10.3f')}{fmt(r.get('mask_ms_per_layer'), '11.3f')}"
             f"{fmt(r.get('attn_ms_per_layer'), '11.3f')}"
         )
+        if compiled:
+            line += (f"{fmt(r.get('step_speedup_vs_dense-cudnn-compiled'), '8.2f')}x"
+                     f"{fmt(r.get('compile_s'), '11.1f')}{fmt(r.get('graph_breaks'), '8.0f')}")
+        lines.append(line)
     lines.append("attn ms: one layer's self-attention alone (vidsparse: mask prediction + sparse attention); "
                  "mask/attn ms/l: per layer inside the step, from vidsparse.stats")
+    if compiled:
+        lines.append(f"*-compiled: torch.compile(transformer, mode={result['compile_mode']!r}); vs cmp: step speedup "
+                     "over dense-cudnn-compiled; compile s: first call; breaks: dynamo graph breaks in the step")
     return "\n".join(lines)
 
 
@@ -321,6 +398,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--smoke", action="store_true", help="tiny Wan config on CPU (fp32) to test this script")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the step under torch.compile: dense cuDNN compiled and each sparsity compiled")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+                   help="torch.compile mode for --compile (default: %(default)s)")
     args = p.parse_args(argv)
     if args.layers is not None and args.layers < 1:
         p.error("--layers must be >= 1")
