@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vidsparse import SparseConfig
 from vidsparse.tiny.data import ShapesConfig, make_batch
 from vidsparse.tiny import build_tiny_wan, load_tiny_wan
 from vidsparse.training.distill import DistillConfig, distill, distill_loss, main, make_student_teacher
@@ -17,7 +18,7 @@ from vidsparse.training.loop import list_checkpoints
 
 # 4 frames of 16x16, patch (1, 4, 4) -> 64 tokens = 4 blocks of 16; head dim 32
 MINI = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, text_dim=32, freq_dim=32)
-SPARSE = dict(topk=0.25, topp=None, block_q=16, block_k=16, backend="reference")
+SPARSE = SparseConfig(topk=0.25, topp=None, block_q=16, block_k=16, backend="reference")
 GEOMETRY = dict(frames=4, size=16)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def _mini_model(seed=0):
 
 def _cfg(out, **changes):
     base = dict(out=str(out), steps=4, batch_size=4, lr=1e-4, warmup_steps=1, log_every=1, ckpt_every=2,
-                timesteps="uniform", export=False, progress=False, **SPARSE, **GEOMETRY)
+                timesteps="uniform", export=False, progress=False, sparse=SPARSE, **GEOMETRY)
     base.update(changes)
     return DistillConfig(**base)
 
@@ -54,7 +55,7 @@ def _fixed_batch(n=8):
 
 def test_distillation_loss_falls(tmp_path):
     model = _mini_model()
-    student, teacher = make_student_teacher(model, _cfg(tmp_path).sparse_config())
+    student, teacher = make_student_teacher(model, _cfg(tmp_path).sparse)
     batch = _fixed_batch()
     with torch.no_grad():
         before = float(distill_loss(student, teacher, *batch)[1])
@@ -70,7 +71,7 @@ def test_distillation_loss_falls(tmp_path):
 def test_teacher_gets_no_gradient_and_stays_identical():
     model = _mini_model()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    student, teacher = make_student_teacher(model, _cfg("unused").sparse_config())
+    student, teacher = make_student_teacher(model, _cfg("unused").sparse)
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     for _ in range(2):
@@ -154,7 +155,7 @@ def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path):
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _cfg(tmp_path, steps=12, ckpt_every=12, lr=1e-2, export=True, **LORA)
     # one backward: gradients reach the adapters only
-    student, teacher = make_student_teacher(model, cfg.sparse_config())
+    student, teacher = make_student_teacher(model, cfg.sparse)
     names = add_lora(student, 4, 8.0)
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert any(".attn1." in n for n in names) and any(".attn2." in n for n in names)
@@ -187,12 +188,12 @@ def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path):
     x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
     with torch.no_grad():
         v_lora = predict_velocity(trained, x_t, t, emb)
-        patch(plain, cfg.sparse_config())
+        patch(plain, cfg.sparse)
         torch.testing.assert_close(predict_velocity(plain, x_t, t, emb), v_lora, rtol=1e-4, atol=1e-5)
         # the exported fp16 model is a plain diffusers model that loads with load_tiny_wan
         exported = load_tiny_wan(tmp_path / "student")
         assert not any("lora" in k or "base_layer" in k for k in exported.state_dict())
-        patch(exported, cfg.sparse_config())
+        patch(exported, cfg.sparse)
         torch.testing.assert_close(predict_velocity(exported, x_t, t, emb), v_lora, rtol=2e-2, atol=2e-2)
 
 
@@ -212,7 +213,7 @@ def test_lora_resume_matches_straight_run(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model = _mini_model()
-    sparse = _cfg("unused").sparse_config()
+    sparse = _cfg("unused").sparse
     plain, teacher = make_student_teacher(model, sparse)
     ckpt, _ = make_student_teacher(model, sparse)
     ckpt.enable_gradient_checkpointing()
@@ -240,7 +241,7 @@ def test_diffusion_only_objective_needs_no_teacher():
     from vidsparse.training.flow import flow_matching_loss
 
     model = _mini_model()
-    student, _teacher = make_student_teacher(model, _cfg("unused").sparse_config())
+    student, _teacher = make_student_teacher(model, _cfg("unused").sparse)
     batch = _fixed_batch(4)
     with torch.no_grad():
         loss, vd = distill_loss(student, None, *batch, diffusion_weight=1.0, distill_weight=0.0)
@@ -270,8 +271,6 @@ def test_cli_token_order_and_priors_are_trained_and_recorded_with_the_student(tm
             "--token-order", "tiled", "--keep-diagonal", "--frames", "4", "--size", "16", "--device", "cpu",
             "--no-progress"]
     assert main(args) == 0
-    from vidsparse import SparseConfig
-
     saved = SparseConfig.load(out / "student")  # what `vidsparse demo --distilled-path` and `vidsparse eval` read back
     assert saved == SparseConfig(topk=0.25, topp=0.5, block_q=16, block_k=16, token_order="tiled", keep_diagonal=True,
                                  backend="reference")
@@ -282,3 +281,37 @@ def test_cli_rejects_an_unknown_token_order(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--out", "unused", "--token-order", "diagonal"])
     assert exc.value.code == 2 and "--token-order" in capsys.readouterr().err
+
+
+def test_config_holds_one_sparse_config():
+    cfg = _cfg("unused")
+    assert cfg.sparse is SPARSE and "sparse_config" not in dir(cfg)
+    assert DistillConfig(out="x", sparse=SPARSE.to_dict()).sparse == SPARSE  # a saved dict is accepted
+    assert DistillConfig(out="x").sparse == SparseConfig()
+    with pytest.raises(TypeError, match="sparse"):
+        DistillConfig(out="x", sparse={"topk"})
+
+
+def test_cli_method_and_option_flags_make_the_students_config():
+    from vidsparse.training.distill_cli import build_parser, config_from_args
+
+    p = build_parser()
+    cfg = config_from_args(p.parse_args(["--out", "x", "--method", "svg", "--option", "budget=0.1",
+                                         "--token-order", "tiled", "--block-q", "16"]), p)
+    assert cfg.sparse == SparseConfig(method="svg", budget=0.1, token_order="tiled", block_q=16)
+    cfg = config_from_args(p.parse_args(["--out", "x", "--topp", "none", "--option", "keep_sink=true"]), p)
+    assert cfg.sparse == SparseConfig(topk=0.03, topp=None, keep_sink=True)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--topk", "1.5"], "--topk"), (["--option", "nope=1"], "--option nope"), (["--method", "x"], "--method"),
+    (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"), (["--steps", "0"], "--steps"), (["--min-lr-ratio", "2"], "--min-lr-ratio"),
+    (["--seed", "-1"], "--seed"), (["--grad-clip", "-1"], "--grad-clip"), (["--time-limit-min", "inf"], "--time-limit-min"),
+    (["--block-k", "24"], "--block-k"),
+])
+def test_cli_rejects_bad_values_naming_the_flag(argv, flag, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "never"), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and flag in err, err
+    assert not (tmp_path / "never").exists()  # before any work

@@ -46,6 +46,9 @@ __all__ = ["add_mask_arguments", "sparse_config_from_args", "parse_option_value"
 MASK_DEST = ("method", "topk", "topp", "block_q", "block_k", "token_order", "keep_diagonal", "keep_sink",
              "backend", "option")
 _DEFAULTS_DEST = "_mask_defaults"
+# ends every help text: ArgumentDefaultsHelpFormatter then adds nothing (the text already gives the
+# command's default; the argparse default is UNSET), and "%(default).0s" itself prints nothing
+_NO_DEFAULT = "%(default).0s"
 
 
 class _Unset:
@@ -170,25 +173,25 @@ def add_mask_arguments(parser: argparse.ArgumentParser, defaults: SparseConfig |
     opts = d.resolved_options()
     g = parser.add_argument_group(title, f"defaults: {d.describe()}, backend {d.backend}")
     g.add_argument("--method", default=UNSET, metavar="NAME",
-                   help=f"masker: {', '.join(available())} (default {d.method})")
+                   help=f"masker: {', '.join(available())} (default {d.method})" + _NO_DEFAULT)
     g.add_argument("--topk", type=optional_float, default=UNSET, metavar="K",
-                   help=f"Top-k fraction of key blocks, or 'none' (default {opts.get('topk', '-')})")
+                   help=f"Top-k fraction of key blocks, or 'none' (default {opts.get('topk', '-')})" + _NO_DEFAULT)
     g.add_argument("--topp", type=optional_float, default=UNSET, metavar="P",
-                   help=f"Top-p attention mass, or 'none' for Top-k only (default {opts.get('topp', '-')})")
+                   help=f"Top-p attention mass, or 'none' for Top-k only (default {opts.get('topp', '-')})" + _NO_DEFAULT)
     g.add_argument("--block-q", type=_positive_int, default=UNSET, metavar="N",
-                   help=f"tokens per query block, a power of two >= 16 (default {d.block_q})")
+                   help=f"tokens per query block, a power of two >= 16 (default {d.block_q})" + _NO_DEFAULT)
     g.add_argument("--block-k", type=_positive_int, default=UNSET, metavar="N",
-                   help=f"tokens per key block, a power of two >= 16 (default {d.block_k})")
+                   help=f"tokens per key block, a power of two >= 16 (default {d.block_k})" + _NO_DEFAULT)
     g.add_argument("--token-order", choices=TOKEN_ORDERS, default=UNSET,
                    help="raster (the model's frame-major order) or tiled (each query block a compact "
-                        f"t x h x w tile; default {opts.get('token_order', 'raster')})")
+                        f"t x h x w tile; default {opts.get('token_order', 'raster')})" + _NO_DEFAULT)
     g.add_argument("--keep-diagonal", action=argparse.BooleanOptionalAction, default=UNSET,
-                   help=f"also keep each query block's own key blocks (default {opts.get('keep_diagonal', False)})")
+                   help=f"also keep each query block's own key blocks (default {opts.get('keep_diagonal', False)})" + _NO_DEFAULT)
     g.add_argument("--keep-sink", action=argparse.BooleanOptionalAction, default=UNSET,
-                   help=f"also keep the first key block (default {opts.get('keep_sink', False)})")
-    g.add_argument("--backend", choices=("auto", *BACKENDS), default=UNSET, help=f"attention backend (default {d.backend})")
+                   help=f"also keep the first key block (default {opts.get('keep_sink', False)})" + _NO_DEFAULT)
+    g.add_argument("--backend", choices=("auto", *BACKENDS), default=UNSET, help=f"attention backend (default {d.backend})" + _NO_DEFAULT)
     g.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="any masker option, repeatable; VALUE: int, float, none, true/false, ints like 4,4,4, or a word")
+                   help="any masker option, repeatable; VALUE: int, float, none, true/false, ints like 4,4,4, or a word" + _NO_DEFAULT)
     parser.set_defaults(**{_DEFAULTS_DEST: d})
     return g
 

@@ -1,6 +1,7 @@
 """Velocity-distillation fine-tuning of a sparse-attention student (SpargeAttention2 §4.2).
 
-Run it as a module (one process, or several with ``torchrun``)::
+Run it as a module (one process, or several with ``torchrun``; the flags are in
+:mod:`vidsparse.training.distill_cli`)::
 
     python -m vidsparse.training.distill --out runs/distill --steps 500 --topk 0.03 --topp 0.2
     torchrun --nproc_per_node 8 -m vidsparse.training.distill --out runs/distill --batch-size 64
@@ -42,26 +43,25 @@ Output directory layout (only rank 0 writes)::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
 import math
 import os
-import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..maskers.token_order import TOKEN_ORDERS
+from ..config import SparseConfig
 from ..utils import hash_seed, jsonable, resolve_device
 from .flow import TIMESTEP_SAMPLING, noisy_sample, sample_timesteps, velocity, velocity_target
 from .loop import LoopConfig, dist_info, prepare_out, train_loop
+from .lora import LORA_TARGETS, TRAINABLE, add_lora, merged_state_dict, select_trainable
 from .optim import make_optimizer, make_scheduler
 
 __all__ = [
@@ -82,14 +82,8 @@ __all__ = [
 #: the data source ``vidsparse distill`` uses by default: the tiny harness's shapes clips, named by
 #: a string and imported only when used (the core never imports vidsparse.tiny)
 DEFAULT_SOURCE = "vidsparse.tiny.source:ShapesSource"
-_TRAINABLE = ("all", "attention", "lora")
-_LORA_TARGETS = ("attention", "attention+ffn")
-# module-name patterns (re.fullmatch) of the LoRA targets in a diffusers Wan transformer
-_LORA_PATTERNS = {
-    "attention": r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
-    "attention+ffn": r".*blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))",
-}
-_PRECISIONS = ("auto", "bf16", "fp32")
+#: what ``precision`` may name
+PRECISIONS = ("auto", "bf16", "fp32")
 # a random stream tag distinct from pretrain's (0 = train batches, 1 = validation, 2 = samples)
 _STREAM_DISTILL = 3
 
@@ -116,8 +110,10 @@ class DistillConfig:
         lora_targets: "attention" (to_q, to_k, to_v, to_out.0 of attn1 and attn2) or
             "attention+ffn" (also the two FFN projections).
         gradient_checkpointing: recompute every transformer block in the backward pass.
-        topk, topp, block_q, block_k, backend, token_order, keep_diagonal, keep_sink: the student's
-            :class:`vidsparse.SparseConfig` (recorded in the exported student's sparse_config.json).
+        sparse: the student's :class:`vidsparse.SparseConfig` (masker, options, blocks, backend;
+            default ``SparseConfig()``, hybrid Top-k 0.03 + Top-p 0.2); a dict from
+            :meth:`SparseConfig.to_dict` is accepted. Saved beside the exported student as
+            ``sparse_config.json``.
         data: "train" or "shifted", the split whose clips build x_0.
         frames, size: clip geometry (the condition width is the model's ``text_dim``).
         seed, device, precision: data/noise seed; "auto"/"cpu"/"cuda[:N]" (ignored under DDP,
@@ -152,14 +148,7 @@ class DistillConfig:
     lora_alpha: float | None = None
     lora_targets: str = "attention"
     gradient_checkpointing: bool = False
-    topk: float = 0.03
-    topp: float | None = 0.2
-    block_q: int = 128
-    block_k: int = 64
-    backend: str = "auto"
-    token_order: str = "raster"
-    keep_diagonal: bool = False
-    keep_sink: bool = False
+    sparse: SparseConfig = field(default_factory=SparseConfig)
     data: str = "train"
     source: str = DEFAULT_SOURCE
     frames: int = 16
@@ -197,32 +186,27 @@ class DistillConfig:
             raise ValueError("distill_weight and diffusion_weight are both 0: nothing to train")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0 (or None for lora_rank), got {self.lora_alpha}")
-        if self.lora_targets not in _LORA_TARGETS:
-            raise ValueError(f"lora_targets must be one of {_LORA_TARGETS}, got {self.lora_targets!r}")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {self.lora_targets!r}")
         if self.time_limit_min is not None and not self.time_limit_min > 0:
             raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
         if not self.t_std > 0 or not self.t_shift > 0:
             raise ValueError(f"t_std and t_shift must be > 0, got {self.t_std}, {self.t_shift}")
-        if self.trainable not in _TRAINABLE:
-            raise ValueError(f"trainable must be one of {_TRAINABLE}, got {self.trainable!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.data not in ("train", "shifted"):
             raise ValueError(f"data must be 'train' or 'shifted', got {self.data!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         self.betas = tuple(self.betas)
-        self.sparse_config()  # validates topk / topp / block sizes / backend, naming the field
-
-    def sparse_config(self):
-        """The student's :class:`vidsparse.SparseConfig`."""
-        from ..config import SparseConfig
-
-        return SparseConfig(topk=self.topk, topp=self.topp, block_q=self.block_q, block_k=self.block_k,
-                            backend=self.backend, token_order=self.token_order,
-                            keep_diagonal=self.keep_diagonal, keep_sink=self.keep_sink)
+        if isinstance(self.sparse, dict):
+            self.sparse = SparseConfig.from_dict(self.sparse)
+        if not isinstance(self.sparse, SparseConfig):
+            raise TypeError(f"sparse must be a SparseConfig, got {type(self.sparse).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,95 +225,6 @@ def make_student_teacher(model: torch.nn.Module, sparse_config) -> tuple[torch.n
 
     patch(student, sparse_config)
     return student, teacher
-
-
-def add_lora(
-    model: torch.nn.Module, rank: int, alpha: float | None = None, targets: str = "attention", *, seed: int = 0
-) -> list[str]:
-    """Inject peft LoRA adapters (adapter "default", no dropout) into ``model`` in place.
-
-    ``targets``: "attention" = ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every block's attn1
-    and attn2; "attention+ffn" adds the FFN's two projections. ``alpha`` defaults to ``rank``
-    (scale alpha / rank = 1). The adapters start at zero (B = 0), so the model's outputs are
-    unchanged; A is drawn from a generator seeded by ``seed`` (the global RNG is left untouched),
-    so runs repeat. Works on a patched model too: vidsparse's processors call the wrapped projections.
-
-    Returns the names of the LoRA parameters. Raises ImportError without ``peft`` and ValueError
-    when no module matches (not a Wan-style model).
-    """
-    if targets not in _LORA_TARGETS:
-        raise ValueError(f"lora_targets must be one of {_LORA_TARGETS}, got {targets!r}")
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as e:  # pragma: no cover - peft is in requirements-ci.txt
-        raise ImportError("trainable='lora' needs the peft package: pip install 'vidsparse[train]'") from e
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=0.0,
-                        target_modules=_LORA_PATTERNS[targets], bias="none")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # peft draws A with the global RNG (kaiming-uniform)
-            inject_adapter_in_model(config, model, adapter_name="default")
-    except ValueError as e:
-        raise ValueError(f"lora_targets={targets!r} matches no module of {type(model).__name__}: {e}") from e
-    return [name for name, _ in model.named_parameters() if ".lora_" in name]
-
-
-def select_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
-    """Set ``requires_grad`` for "all" parameters, only "attention" (attn1/attn2) ones, or only the
-    "lora" adapters (inject them first with :func:`add_lora`).
-
-    Returns the names of the trainable parameters. Raises ValueError for an unknown ``trainable``
-    or when it matches nothing (not a Wan-style model, or no LoRA injected).
-    """
-    if trainable not in _TRAINABLE:
-        raise ValueError(f"trainable must be one of {_TRAINABLE}, got {trainable!r}")
-    has_lora = any(".lora_" in name for name, _ in model.named_parameters())
-    if has_lora and trainable != "lora":
-        raise ValueError(f"trainable={trainable!r} on a model with LoRA adapters; use 'lora'")
-    names = []
-    for name, p in model.named_parameters():
-        if trainable == "lora":
-            keep = ".lora_" in name
-        else:
-            keep = trainable == "all" or ".attn1." in name or ".attn2." in name
-        p.requires_grad_(keep)
-        if keep:
-            names.append(name)
-    if not names:
-        hint = " (call add_lora first)" if trainable == "lora" else ""
-        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}{hint}")
-    return names
-
-
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every peft LoRA adapter merged into its base weight.
-
-    Keys are those of the model without adapters (``x.base_layer.weight`` -> ``x.weight``, the
-    ``lora_*`` tensors dropped), so the result loads into a plain copy of the architecture. The
-    model itself is not modified. A model without adapters gives its own state dict (detached).
-    """
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if not any(".lora_" in k for k in state):
-        return state
-    from peft.tuners.lora import LoraLayer
-
-    merged: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            weight = base.weight.detach()
-            with torch.no_grad():
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-            merged[f"{name}.weight"] = weight
-    out = {}
-    for k, v in state.items():
-        if ".lora_" in k:
-            continue
-        k = k.replace(".base_layer.", ".")
-        out[k] = merged.get(k, v)
-    return out
 
 
 def distill_loss(
@@ -427,7 +322,7 @@ def _setup_device(cfg: DistillConfig):
 def _build_student(cfg: DistillConfig, model, source, device):
     base = model if model is not None else _load_model(cfg.model, source)
     grid = source.bind(base)  # raises naming frames / size
-    student, teacher = make_student_teacher(base, cfg.sparse_config())
+    student, teacher = make_student_teacher(base, cfg.sparse)
     del base
     if cfg.trainable == "lora":
         add_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
@@ -569,7 +464,7 @@ def _print_start(cfg, student, teacher, trainable, grid, device, world) -> None:
                            + [f"{cfg.diffusion_weight:g} * diffusion"] * (cfg.diffusion_weight > 0))
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     print(f"distill: {n_all / 1e6:.2f} M params ({n_trainable / 1e6:.3f} M trainable in {len(trainable)} tensors: "
-          f"{what}), {math.prod(grid)} tokens, {cfg.sparse_config().describe()}\n"
+          f"{what}), {math.prod(grid)} tokens, {cfg.sparse.describe()}\n"
           f"device {device} x{world}, {'bf16 autocast' if bf16 else 'fp32'}"
           f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}, global batch {cfg.batch_size} "
           f"(accum {cfg.grad_accum}), loss {loss_desc}, data split {cfg.data!r}, steps ->{cfg.steps}", file=sys.stderr)
@@ -590,17 +485,17 @@ def _finish(cfg, result, student, teacher, grid, world, keep_student):
         "wall_time_s": result.elapsed_s, "train_loop_s": result.loop_s,
         "steps_per_s": result.steps_this_call / result.loop_s if result.steps_this_call and result.loop_s > 0 else None,
         "tokens": math.prod(grid), "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
-        "sparse_config": cfg.sparse_config().to_dict(), "config": jsonable(cfg),
+        "sparse_config": cfg.sparse.to_dict(), "config": jsonable(cfg),
     }
     plain = _plain_student(student, teacher) if cfg.export or keep_student else None
     if cfg.export:
         summary["student_dir"] = str(save_student(plain, out / "student"))
-        cfg.sparse_config().save(out / "student")
+        cfg.sparse.save(out / "student")
     if cfg.plot:
         try:
             objective = "velocity-distillation" if use_teacher else "diffusion"
             save_loss_curve(out / "log.jsonl", out / "loss_curve.png", ylabel="training loss",
-                            title=f"{objective} fine-tuning ({cfg.sparse_config().describe()}, {result.step} steps, batch {cfg.batch_size})")
+                            title=f"{objective} fine-tuning ({cfg.sparse.describe()}, {result.step} steps, batch {cfg.batch_size})")
         except ImportError:  # matplotlib is optional
             pass
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -629,105 +524,11 @@ def save_student(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def optional_float(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a float or 'none', got {text!r}") from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    d = DistillConfig(out="")
-    p = argparse.ArgumentParser(
-        prog="python -m vidsparse.training.distill",
-        description="Velocity-distillation fine-tuning of a sparse-attention student against its dense teacher.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", default=None, help="diffusers Wan checkpoint directory (default: the embedded tiny model)")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, log, final student)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all ranks, all micro-batches)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step and rank")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decay floor; 1 = constant after warm-up")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
-    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
-                   help="weight of the velocity-distillation loss (0 = diffusion-loss fine-tuning, no teacher)")
-    p.add_argument("--diffusion-weight", type=float, default=d.diffusion_weight,
-                   help="weight of the flow-matching loss added to the distillation loss (paper: 0)")
-    p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
-    p.add_argument("--t-mean", type=float, default=d.t_mean, help="logit-normal mean")
-    p.add_argument("--t-std", type=float, default=d.t_std, help="logit-normal std")
-    p.add_argument("--t-shift", type=float, default=d.t_shift)
-    p.add_argument("--trainable", choices=_TRAINABLE, default=d.trainable,
-                   help="all parameters, the attention modules only, or LoRA adapters (needs peft)")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank r (--trainable lora)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: the rank, scale 1)")
-    p.add_argument("--lora-targets", choices=_LORA_TARGETS, default=d.lora_targets,
-                   help="attention: to_q/to_k/to_v/to_out.0 of attn1 and attn2; attention+ffn: also the FFN")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass (less memory)")
-    p.add_argument("--topk", type=float, default=d.topk)
-    p.add_argument("--topp", type=optional_float, default=d.topp, help="a float, or 'none' for Top-k only")
-    p.add_argument("--block-q", type=int, default=d.block_q)
-    p.add_argument("--block-k", type=int, default=d.block_k)
-    p.add_argument("--backend", default=d.backend, help="auto, triton, flex, gather or reference")
-    p.add_argument("--token-order", choices=TOKEN_ORDERS, default=d.token_order,
-                   help="raster (the model's frame-major order) or tiled (each query block a compact t x h x w tile)")
-    p.add_argument("--keep-diagonal", action="store_true",
-                   help="also keep each query block's own key blocks (locality prior)")
-    p.add_argument("--keep-sink", action="store_true", help="also keep the first key block (attention-sink prior)")
-    p.add_argument("--data", choices=("train", "shifted"), default=d.data, help="the split whose clips build x_0")
-    p.add_argument("--frames", type=int, default=d.frames)
-    p.add_argument("--size", type=int, default=d.size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--precision", choices=_PRECISIONS, default=d.precision)
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from the latest checkpoint in --out, or the given file")
-    p.add_argument("--time-limit-min", type=float, default=None, help="stop early (checkpoint, export) before this wall time")
-    p.add_argument("--no-export", action="store_true", help="skip saving the final student")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    cmd = "python -m vidsparse.training.distill " + shlex.join(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = DistillConfig(
-            out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip, distill_weight=args.distill_weight, diffusion_weight=args.diffusion_weight,
-            timesteps=args.timesteps, t_mean=args.t_mean, t_std=args.t_std, t_shift=args.t_shift,
-            trainable=args.trainable, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-            gradient_checkpointing=args.gradient_checkpointing, topk=args.topk,
-            topp=args.topp, block_q=args.block_q, block_k=args.block_k, backend=args.backend,
-            token_order=args.token_order, keep_diagonal=args.keep_diagonal, keep_sink=args.keep_sink, data=args.data,
-            frames=args.frames, size=args.size, seed=args.seed, device=args.device, precision=args.precision,
-            ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
-            time_limit_min=args.time_limit_min, export=not args.no_export,
-            progress=not args.no_progress, command=cmd,
-        )
-        summary = distill(cfg)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"\n{e}", file=sys.stderr)
-        return 130
-    if summary:
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
-    return 0
+    """The command line (:mod:`vidsparse.training.distill_cli`); returns the exit code."""
+    from .distill_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""Command line of velocity distillation: ``vidsparse distill`` / ``python -m vidsparse.training.distill``.
+
+The mask flags (``--method``, ``--topk``, ``--topp``, ``--block-q/-k``, ``--token-order``,
+``--keep-diagonal``, ``--keep-sink``, ``--backend``, ``--option KEY=VALUE``) come from
+:mod:`vidsparse.cli_options` and become the run's one :class:`vidsparse.SparseConfig`. Every bad
+value is an argparse error naming the flag (exit code 2) before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Sequence
+
+from ..cli_options import add_mask_arguments, float_in, int_at_least, sparse_config_from_args
+from .distill import PRECISIONS, DistillConfig, distill
+from .flow import TIMESTEP_SAMPLING
+from .lora import LORA_TARGETS, TRAINABLE
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+_POSITIVE = float_in(0, low_open=True)
+_NONNEG = float_in(0)
+
+
+def _seed(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32, got {value}")
+    return value
+
+
+def _add_training_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> None:
+    p.add_argument("--steps", type=int_at_least(1), default=d.steps)
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help="global batch (all ranks, all micro-batches)")
+    p.add_argument("--grad-accum", type=int_at_least(1), default=d.grad_accum, help="micro-batches per step and rank")
+    p.add_argument("--lr", type=_POSITIVE, default=d.lr)
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=d.warmup_steps)
+    p.add_argument("--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio, help="cosine decay floor; 1 = constant after warm-up")
+    p.add_argument("--weight-decay", type=_NONNEG, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=_NONNEG, default=d.grad_clip, help="0 disables clipping")
+    p.add_argument("--distill-weight", type=_NONNEG, default=d.distill_weight,
+                   help="weight of the velocity-distillation loss (0 = diffusion-loss fine-tuning, no teacher)")
+    p.add_argument("--diffusion-weight", type=_NONNEG, default=d.diffusion_weight,
+                   help="weight of the flow-matching loss added to the distillation loss (paper: 0)")
+    p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
+    p.add_argument("--t-mean", type=float_in(), default=d.t_mean, help="logit-normal mean")
+    p.add_argument("--t-std", type=_POSITIVE, default=d.t_std, help="logit-normal std")
+    p.add_argument("--t-shift", type=_POSITIVE, default=d.t_shift)
+    p.add_argument("--trainable", choices=TRAINABLE, default=d.trainable,
+                   help="all parameters, the attention modules only, or LoRA adapters (needs peft)")
+    p.add_argument("--lora-rank", type=int_at_least(1), default=d.lora_rank, help="LoRA rank r (--trainable lora)")
+    p.add_argument("--lora-alpha", type=_POSITIVE, default=d.lora_alpha, help="LoRA alpha (default: the rank, scale 1)")
+    p.add_argument("--lora-targets", choices=LORA_TARGETS, default=d.lora_targets,
+                   help="attention: to_q/to_k/to_v/to_out.0 of attn1 and attn2; attention+ffn: also the FFN")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass (less memory)")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> None:
+    p.add_argument("--data", choices=("train", "shifted"), default=d.data, help="the split whose clips build x_0")
+    p.add_argument("--frames", type=int_at_least(1), default=d.frames)
+    p.add_argument("--size", type=int_at_least(1), default=d.size)
+    p.add_argument("--seed", type=_seed, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--ckpt-every", type=int_at_least(1), default=d.ckpt_every)
+    p.add_argument("--log-every", type=int_at_least(1), default=d.log_every)
+    p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from the latest checkpoint in --out, or the given file")
+    p.add_argument("--time-limit-min", type=_POSITIVE, default=None, help="stop early (checkpoint, export) before this wall time")
+    p.add_argument("--no-export", action="store_true", help="skip saving the final student")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DistillConfig(out="")
+    p = argparse.ArgumentParser(
+        prog="python -m vidsparse.training.distill",
+        description="Velocity-distillation fine-tuning of a sparse-attention student against its dense teacher.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="diffusers Wan checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, log, final student)")
+    _add_training_arguments(p, d)
+    add_mask_arguments(p, d.sparse, title="student's sparse attention")
+    _add_run_arguments(p, d)
+    return p
+
+
+#: DistillConfig fields read from the flag of the same name
+_FIELDS = ("model", "out", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+           "grad_clip", "distill_weight", "diffusion_weight", "timesteps", "t_mean", "t_std", "t_shift", "trainable",
+           "lora_rank", "lora_alpha", "lora_targets", "gradient_checkpointing", "data", "frames", "size", "seed",
+           "device", "precision", "ckpt_every", "log_every", "resume", "time_limit_min")
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str | None = None) -> DistillConfig:
+    """The run's :class:`DistillConfig`; a refused value is a ``parser.error`` (exit code 2)."""
+    sparse = sparse_config_from_args(args, parser)
+    try:
+        return DistillConfig(**{k: getattr(args, k) for k in _FIELDS}, sparse=sparse, export=not args.no_export,
+                             progress=not args.no_progress, command=command)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = "python -m vidsparse.training.distill " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    cfg = config_from_args(args, parser, cmd)
+    try:
+        summary = distill(cfg)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    if summary:
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
