@@ -45,8 +45,9 @@ def block_sparse_attention(
             o and lse come back in the caller's order.
         scale: score scale, default 1/sqrt(D).
         layout: "bhnd" or "bnhd" (diffusers' processor layout); o comes back in the same layout.
-        return_lse: also return the log-sum-exp of the kept scores, (B, H, Lq) float32 in both
-            layouts (natural log; -inf for a row that keeps nothing). It carries no gradient.
+        return_lse: also return the log-sum-exp of the kept scores, (B, H, Lq) in both layouts:
+            float32 for 16/32-bit inputs, float64 for float64 (natural log; -inf for a row that
+            keeps nothing). It carries no gradient.
         backend: "auto" (Triton on CUDA, else "gather": eager PyTorch over the kept blocks only),
             "triton", "flex", "gather" or "reference" (the exact oracle: computes every score).
     Returns:

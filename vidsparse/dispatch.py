@@ -34,11 +34,20 @@ class NoBackendError(NotImplementedError):
     """No attention backend accepts the inputs; the message lists each one's reasons."""
 
 
+_LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}
+
+
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module(BACKENDS[name]), None
-    except ImportError as exc:  # e.g. triton not installed
-        return None, f"cannot be imported ({exc})"
+    """The backend module (imported once; a plain dict lookup after that, which torch.compile
+    traces without a graph break), or None and why it cannot be imported."""
+    path = BACKENDS[name]
+    if path not in _LOADED:
+        try:
+            _LOADED[path] = importlib.import_module(path), None
+        except ImportError as exc:  # e.g. triton not installed
+            hint = "; pip install 'vidsparse[triton]'" if name == "triton" else ""
+            _LOADED[path] = None, f"cannot be imported ({exc}){hint}"
+    return _LOADED[path]
 
 
 def _describe_inputs(q, needs_grad: bool) -> str:

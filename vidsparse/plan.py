@@ -17,8 +17,6 @@ the ground truth every backend is tested against.
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 
 from .mask import BlockMask
@@ -43,7 +41,7 @@ def _check_perm(name: str, perm: torch.Tensor, length: int, mask: BlockMask) -> 
         raise ValueError(f"MaskPlan.{name} has {perm.shape[-1]} positions but the mask covers {length} tokens")
     if perm.device != mask.device:
         raise ValueError(f"MaskPlan.{name} is on {perm.device} but the mask is on {mask.device}")
-    perm = perm.long()
+    perm = perm.to(torch.int64, copy=True)  # owned: editing the caller's tensor later changes nothing
     ar = torch.arange(length, device=perm.device)
     if not torch.equal(perm.sort(dim=-1).values, ar.expand_as(perm)):
         raise ValueError(f"MaskPlan.{name} must hold every index in [0, {length}) exactly once per (batch, head)")
@@ -66,7 +64,7 @@ class MaskPlan:
         >>> o = vidsparse.block_sparse_attention(q, k, v, plan)     # in q's token order
     """
 
-    __slots__ = ("mask", "perm", "k_perm", "__dict__")
+    __slots__ = ("mask", "perm", "k_perm", "_inverse", "_k_inverse")
 
     def __init__(self, mask: BlockMask, perm: torch.Tensor | None = None, *, k_perm: torch.Tensor | None = None,
                  _checked: bool = False):
@@ -78,6 +76,7 @@ class MaskPlan:
             perm = None if perm is None else _check_perm("perm", perm, mask.q_len, mask)
             k_perm = None if k_perm is None else _check_perm("k_perm", k_perm, mask.k_len, mask)
         self.mask, self.perm, self.k_perm = mask, perm, k_perm
+        self._inverse = self._k_inverse = None  # built on first use (plain attributes: traceable)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -88,14 +87,19 @@ class MaskPlan:
     def device(self) -> torch.device:
         return self.mask.device
 
-    @cached_property
+    @property
     def inverse(self) -> torch.Tensor | None:
         """(B or 1, H or 1, Lq): attention position of each caller query (None: identity)."""
-        return None if self.perm is None else invert_perm(self.perm)
+        if self._inverse is None and self.perm is not None:
+            self._inverse = invert_perm(self.perm)
+        return self._inverse
 
-    @cached_property
+    @property
     def k_inverse(self) -> torch.Tensor | None:
-        return None if self.k_perm is None else invert_perm(self.k_perm)
+        """(B or 1, H or 1, Lk): attention position of each caller key (None: identity)."""
+        if self._k_inverse is None and self.k_perm is not None:
+            self._k_inverse = self.inverse if self.k_perm is self.perm else invert_perm(self.k_perm)
+        return self._k_inverse
 
     def sparsity(self, **kwargs) -> float:
         """Block-level sparsity of the mask (see :meth:`BlockMask.sparsity`)."""
