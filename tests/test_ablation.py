@@ -12,8 +12,13 @@ import time
 import pytest
 import torch
 
+from vidsparse import SparseConfig
 from vidsparse.tiny import build_tiny_wan, load_tiny_wan
 from vidsparse.tiny.ablation import VARIANTS, calibrate_topp, main, plan_steps, run_ablation, smoke_config
+
+# the smoke settings' 16x16 blocks on the exact reference backend
+REFERENCE = SparseConfig(block_q=16, block_k=16, backend="reference")
+
 
 def test_calibrate_topp_bisects_a_monotone_sparsity():
     calls = []
@@ -31,7 +36,7 @@ def test_calibrate_topp_bisects_a_monotone_sparsity():
 def test_smoke_ablation_end_to_end(tmp_path):
     out = tmp_path / "out"
     # the shipped model's first block alone: real attention maps at 1/5 of the cost
-    cfg = smoke_config(str(out), work_dir=str(tmp_path / "work"), backend="reference")
+    cfg = smoke_config(str(out), work_dir=str(tmp_path / "work"), sparse=REFERENCE)
     payload = run_ablation(cfg)
     data = json.loads((out / "ablation.json").read_text())
     assert data["status"] == "done" and payload["status"] == "done"
@@ -81,9 +86,8 @@ def test_smoke_ablation_end_to_end(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ablation.json", "ablation.md", "distilled_hybrid"]
     files = sorted(p.name for p in (out / "distilled_hybrid").iterdir())
     assert "config.json" in files and "diffusion_pytorch_model.safetensors" in files and len(files) <= 5
-    setting = json.loads((out / "distilled_hybrid" / "sparse_config.json").read_text())
-    assert setting == {"topk": rows[8]["topk"], "topp": rows[8]["topp"], "block_q": 16, "block_k": 16,
-                       "token_order": "raster", "keep_diagonal": False, "keep_sink": False}
+    setting = SparseConfig.load(out / "distilled_hybrid")  # what the student was distilled for
+    assert setting == SparseConfig(topk=rows[8]["topk"], topp=rows[8]["topp"], block_q=16, block_k=16, backend="reference")
     exported = load_tiny_wan(out / "distilled_hybrid")
     assert exported.config.num_layers == 1
     n_params = sum(p.numel() for p in exported.parameters())
@@ -98,8 +102,9 @@ def test_smoke_ablation_end_to_end(tmp_path):
 
 def test_tiled_order_and_diagonal_prior_reach_every_mask_and_the_export(tmp_path):
     out = tmp_path / "out"
-    cfg = smoke_config(str(out), work_dir=str(tmp_path / "work"), backend="reference", token_order="tiled",
-                       keep_diagonal=True, variants=(1, 2, 4, 8), shifted_eval=False, shape_samples=0)
+    base = REFERENCE.replace(token_order="tiled", keep_diagonal=True)
+    cfg = smoke_config(str(out), work_dir=str(tmp_path / "work"), sparse=base, variants=(1, 2, 4, 8),
+                       shifted_eval=False, shape_samples=0)
     payload = run_ablation(cfg)
     rows = {r["id"]: r for r in payload["variants"]}
     assert all(r["status"] == "done" for r in rows.values())
@@ -109,19 +114,41 @@ def test_tiled_order_and_diagonal_prior_reach_every_mask_and_the_export(tmp_path
     assert 1 - 4 / 16 <= target < 1 - 3 / 16
     assert rows[2]["sparsity"] == pytest.approx(target)
     assert abs(rows[4]["sparsity"] - target) < 0.06 and rows[4]["shape_accuracy"] is None
-    setting = json.loads((out / "distilled_hybrid" / "sparse_config.json").read_text())
+    setting = SparseConfig.load(out / "distilled_hybrid").resolved_options()
     assert setting["token_order"] == "tiled" and setting["keep_diagonal"] is True and setting["keep_sink"] is False
     assert "keep_diagonal=True" in (out / "distilled_hybrid" / "MODEL_CARD.md").read_text()
     assert "tiled token order with keep_diagonal" in (out / "ablation.md").read_text()
 
 
-def test_cli_rejects_unknown_variants(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--variants", "1,11", "--smoke"]) == 2
-    assert "variants" in capsys.readouterr().err
-    assert main(["--out", str(tmp_path), "--block-q", "24", "--smoke"]) == 2  # checked before any work
-    assert "block_q" in capsys.readouterr().err
-    assert main(["--out", str(tmp_path), "--shape-samples", "-1", "--smoke"]) == 2
-    assert "shape_samples" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, flag", [
+    (["--variants", "1,11"], "variants"),
+    (["--block-q", "24"], "--block-q"),
+    (["--shape-samples", "-1"], "--shape-samples"),
+    (["--topk", "0.1"], "--topk"),
+    (["--option", "topp=0.3"], "--option topp"),
+    (["--method", "svg"], "--method"),
+    (["--option", "nope=1"], "--option nope"),
+    (["--lr", "nan"], "--lr"),
+    (["--hybrid-topk", "0"], "--hybrid-topk"),
+    (["--target-sparsity", "1"], "--target-sparsity"),
+])
+def test_cli_rejects_bad_values_before_any_work(tmp_path, capsys, argv, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "never"), "--smoke", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and flag in err, err
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_mask_flags_make_the_base_config():
+    from vidsparse.tiny.ablation import base_sparse_from_args, build_parser
+
+    p = build_parser()
+    args = p.parse_args(["--out", "x", "--smoke", "--token-order", "tiled", "--keep-sink", "--option", "window=0,1,1"])
+    base = base_sparse_from_args(args, p)
+    assert base == SparseConfig(block_q=16, block_k=16, token_order="tiled", keep_sink=True, window=(0, 1, 1))
+    args = p.parse_args(["--out", "x", "--block-k", "32", "--backend", "gather"])
+    assert base_sparse_from_args(args, p) == SparseConfig(block_k=32, backend="gather")
 
 
 def test_plan_steps_fits_the_budget():
@@ -139,7 +166,7 @@ def test_time_budgeted_run_gives_every_trained_variant_the_same_steps(tmp_path):
                            text_dim=32, freq_dim=32)
     with torch.no_grad():
         model.proj_out.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    cfg = smoke_config(str(tmp_path / "out"), work_dir=str(tmp_path / "work"), backend="reference", frames=4, size=16,
+    cfg = smoke_config(str(tmp_path / "out"), work_dir=str(tmp_path / "work"), sparse=REFERENCE, frames=4, size=16,
                        topk_only=0.5, hybrid_topk=0.25, variants=(5, 8), steps=None, train_calib_steps=4,
                        time_limit_min=20 / 60, reserve_s=1.0, shifted_eval=False)
     original = {k: v.clone() for k, v in model.state_dict().items()}

@@ -204,13 +204,15 @@ def _apply(parser: argparse.ArgumentParser, flag: str, cfg: SparseConfig, **chan
     parser.error(f"{flag}: {message}")  # exits with code 2
 
 
-def sparse_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SparseConfig:
+def sparse_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
+                            defaults: SparseConfig | None = None) -> SparseConfig:
     """The :class:`SparseConfig` of parsed mask flags (see the module docstring for the order).
 
-    Calls ``parser.error`` (exit code 2) naming the flag for any value the masker or the config
-    refuses.
+    ``defaults`` replaces the config given to :func:`add_mask_arguments` (for a command whose
+    defaults depend on another flag, such as a smoke mode). Calls ``parser.error`` (exit code 2)
+    naming the flag for any value the masker or the config refuses.
     """
-    cfg = getattr(args, _DEFAULTS_DEST, None)
+    cfg = defaults if defaults is not None else getattr(args, _DEFAULTS_DEST, None)
     if cfg is None:
         raise ValueError("sparse_config_from_args: call add_mask_arguments(parser, ...) before parse_args")
     if args.method is not UNSET:

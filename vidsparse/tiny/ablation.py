@@ -6,8 +6,9 @@ Run it as a module (or through ``benchmarks/ablation_gpu.sh``)::
     python -m vidsparse.tiny.ablation --out out/smoke --smoke       # CPU: end to end in well under a minute
 
 Ten variants of the embedded tiny Wan model, all at about 95% block sparsity (by default with the
-paper's 128 x 64 blocks in raster token order; ``--block-q/--block-k``, ``--token-order tiled`` and
-``--keep-diagonal`` run it with the mask the shipped student uses):
+paper's 128 x 64 blocks in raster token order; the shared mask flags ``--block-q/--block-k``,
+``--token-order tiled``, ``--keep-diagonal``, ``--keep-sink`` and ``--option KEY=VALUE`` set the base
+:class:`vidsparse.SparseConfig` of every variant, e.g. the mask the shipped student uses):
 
 ====  ===================================================  ==========  ======================
  #    method                                               mask        fine-tuning data
@@ -28,7 +29,7 @@ Sparsity matching: Top-k alone at k = 0.05 keeps floor(0.05 * 64) = 3 of the 64 
 depend on the attention maps, so their p is calibrated first. The hybrid's k is 0.03125 = 2 of 64
 blocks, the paper's 3% on our grid: k = 0.03 would floor to 1 block, and Top-p always keeps at
 least the top block, so that hybrid would be Top-p alone. The calibration is a bisection on p
-until the block sparsity measured by ``vidsparse.evaluate.validation_loss`` (which records it with
+until the block sparsity measured by ``vidsparse.tiny.evaluate.validation_loss`` (which records it with
 ``SparseConfig(collect_stats=True)``) over a batch of validation clips at several timesteps is
 closest to the Top-k figure. The chosen p and the measured sparsities are
 recorded; every variant's sparsity is measured again at evaluation (it drifts a little after
@@ -43,7 +44,7 @@ noise, timesteps); diffusion-loss variants do not run the teacher and finish soo
 also gets a hard time limit (1.5 x its share) and the run skips variants it cannot finish, so
 the outputs are always written; ``ablation.json`` is rewritten after every variant.
 
-Training defaults for the 5.9 M-parameter model (reasoning in ``docs/distillation.md``): batch 32
+Training defaults for the 5.9 M-parameter model (reasoning in ``docs/fine-tuning.md``): batch 32
 (as in pretraining), AdamW lr 1e-4 (10x below the pretraining peak of 1e-3, 2x its final lr; the
 paper/TurboDiffusion's 1e-5 is for 1.3B-parameter models and would barely move a 6 M model in a
 few hundred steps), 20 warm-up steps, cosine decay to 0.1 x, weight decay 0.01, grad clip 1, bf16
@@ -55,7 +56,7 @@ Outputs (only these, so the directory can be copied back from a GPU machine whol
     out/ablation.json                 every variant: method, data, k, p, measured sparsity, steps,
                                       train seconds, val loss, delta % vs dense, shifted-split
                                       val loss, PSNR, SSIM; plus the calibration and the settings
-    out/ablation.md                   the markdown table for docs/results.md (card, versions, date, command)
+    out/ablation.md                   the markdown table for docs/benchmarks.md (card, versions, date, command)
     out/distilled_hybrid/             variant 8 (velocity distillation, hybrid mask, shifted data):
                                       fp16 safetensors (save_pretrained), sampling.json, MODEL_CARD.md,
                                       sparse_config.json (the k, p and blocks it was distilled for)
@@ -71,23 +72,25 @@ _T_IMPORT = time.monotonic()  # the budget counts the imports too (torch, diffus
 
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import math
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..utils import device_name as _device_name, jsonable as _jsonable, versions as _versions
-from ..maskers.token_order import TOKEN_ORDERS
-from ..training.distill import optional_float as _optional_float
+from ..cli_options import UNSET, add_mask_arguments, float_in, int_at_least, sparse_config_from_args
+from ..config import SparseConfig
+from ..utils import device_name, fmt, jsonable, sync, versions
 
-__all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "main"]
+__all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "build_parser",
+           "base_sparse_from_args", "main"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,8 @@ _TRAIN_ORDER = (8, 5, 6, 7, 10, 9)
 #: the variant whose student is exported to ``out/distilled_hybrid``
 EXPORT_VARIANT = 8
 
-_SMOKE = dict(num_layers=1, frames=4, size=32, block_q=16, block_k=16, batch_size=2, steps=2, warmup_steps=1, eval_clips=2,
+_SMOKE_BLOCKS = dict(block_q=16, block_k=16)
+_SMOKE = dict(num_layers=1, frames=4, size=32, batch_size=2, steps=2, warmup_steps=1, eval_clips=2,
               eval_num_t=2, samples=1, sample_steps=2, calib_clips=2, calib_num_t=2,
               calib_iters=4, topk_only=0.2, hybrid_topk=0.125, train_calib_steps=0, shape_samples=2)
 
@@ -141,15 +145,16 @@ class AblationConfig:
         hybrid_topk: k of the hybrid variants (their p is calibrated).
         topp_only, hybrid_topp: fixed p values instead of calibrating them.
         target_sparsity: the calibration target; None = Top-k-only's 1 - floor(k * N) / N.
-        block_q, block_k: mask blocks. backend: attention backend ("auto").
-        token_order, keep_diagonal, keep_sink: token order and priors of every sparse variant
-            (:class:`vidsparse.SparseConfig`); with a prior on, the target sparsity is the measured
-            one of Top-k only (the prior adds blocks Top-k may not have chosen).
+        sparse: the base :class:`vidsparse.SparseConfig` of every sparse variant (the "hybrid"
+            masker; blocks, backend, token order, priors and any other option); each variant
+            changes only its k and p (:meth:`SparseConfig.replace`). With a prior on
+            (``keep_diagonal`` / ``keep_sink``), the target sparsity is the measured one of Top-k
+            only (the prior adds blocks Top-k may not have chosen).
         frames, size: clip geometry.
         calib_clips, calib_num_t, calib_iters: the p bisection (val clips x times, iterations).
         train_calib_steps: steps of the throughput measurement (0 = none; needs ``steps``).
         eval_clips, eval_num_t, eval_batch_size, samples, sample_steps: evaluation
-            (``vidsparse.evaluate.evaluate_variant``); ``shifted_eval`` adds the shifted split's
+            (``vidsparse.tiny.evaluate.evaluate_variant``); ``shifted_eval`` adds the shifted split's
             val loss; ``shape_samples`` single-object samples per variant are judged by the shape
             classifier (0 = none).
         variants: ids to run (default all ten).
@@ -177,12 +182,7 @@ class AblationConfig:
     topp_only: float | None = None
     hybrid_topp: float | None = None
     target_sparsity: float | None = None
-    block_q: int = 128
-    block_k: int = 64
-    backend: str = "auto"
-    token_order: str = "raster"
-    keep_diagonal: bool = False
-    keep_sink: bool = False
+    sparse: SparseConfig = field(default_factory=SparseConfig)
     frames: int = 16
     size: int = 64
     calib_clips: int = 16
@@ -225,33 +225,36 @@ class AblationConfig:
                 raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
         if self.shape_samples < 0:
             raise ValueError(f"shape_samples must be >= 0, got {self.shape_samples}")
-        from ..config import SparseConfig
+        if isinstance(self.sparse, dict):
+            self.sparse = SparseConfig.from_dict(self.sparse)
+        if not isinstance(self.sparse, SparseConfig) or self.sparse.method != "hybrid":
+            raise ValueError("sparse must be a SparseConfig of the 'hybrid' masker (the variants are its Top-k, "
+                             f"Top-p and hybrid rules), got {self.sparse!r}")
+        for kind in ("topk", "topp", "hybrid"):  # the variants' options against the base now, not mid-run
+            self.mask(kind, {"topp": 0.5, "hybrid": 0.5})
 
-        SparseConfig(topk=0.5, topp=None, **self.mask_settings())  # checks blocks, order and priors now, not mid-run
-
-    def mask_settings(self) -> dict[str, Any]:
-        """The SparseConfig arguments every sparse variant shares (blocks, backend, order, priors)."""
-        return dict(block_q=self.block_q, block_k=self.block_k, backend=self.backend, token_order=self.token_order,
-                    keep_diagonal=self.keep_diagonal, keep_sink=self.keep_sink)
-
-    def sparse(self, mask: str, topp: dict[str, float]):
-        """The :class:`vidsparse.SparseConfig` of a mask kind ("dense" -> None)."""
-        from ..config import SparseConfig
-
-        common = self.mask_settings()
-        if mask == "dense":
+    def mask(self, kind: str, topp: dict[str, float]) -> SparseConfig | None:
+        """The :class:`vidsparse.SparseConfig` of a mask kind ("dense" -> None): the base ``sparse``
+        with the kind's k and p (``topp``: the calibrated p of "topp" and "hybrid")."""
+        if kind == "dense":
             return None
-        if mask == "topk":
-            return SparseConfig(topk=self.topk_only, topp=None, **common)
-        if mask == "topp":
-            return SparseConfig(topk=None, topp=topp["topp"], **common)
-        return SparseConfig(topk=self.hybrid_topk, topp=topp["hybrid"], **common)
+        if kind == "topk":
+            return self.sparse.replace(topk=self.topk_only, topp=None)
+        if kind == "topp":
+            return self.sparse.replace(topk=None, topp=topp["topp"])
+        return self.sparse.replace(topk=self.hybrid_topk, topp=topp["hybrid"])
+
+    @property
+    def priors(self) -> bool:
+        opts = self.sparse.resolved_options()
+        return bool(opts["keep_diagonal"] or opts["keep_sink"])
 
 
 def smoke_config(out: str, **changes: Any) -> AblationConfig:
     """A tiny CPU configuration: the model's first block only, 4 frames of 32x32 (256 tokens) with
     16x16 blocks, 2 training steps, minimal evaluation. Checks the plumbing, not the paper."""
     base = dict(_SMOKE)
+    base["sparse"] = SparseConfig(**_SMOKE_BLOCKS)
     base.update(changes)
     base.setdefault("work_dir", "runs/ablation_smoke")
     return AblationConfig(out=out, smoke=True, **base)
@@ -259,11 +262,6 @@ def smoke_config(out: str, **changes: Any) -> AblationConfig:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _log(msg: str) -> None:
@@ -340,7 +338,7 @@ def _evaluate(model, sparse, cfg: AblationConfig, reference, data, device, cache
         s = _call(validation_loss, model=model, sparse=sparse, split="shifted", clips=cfg.eval_clips,
                   batch_size=cfg.eval_batch_size, seed=cfg.seed, num_t=cfg.eval_num_t, device=device, data=data)
         out["shifted_val_loss"] = s["val_loss"]
-    _sync(device)
+    sync(device)
     out["eval_seconds"] = time.monotonic() - t0
     return out
 
@@ -355,7 +353,7 @@ def _distill_config(cfg: AblationConfig, variant: Variant, sparse, out_dir: Path
         distill_weight=1.0 if variant.objective == "distill" else 0.0,
         diffusion_weight=1.0 if variant.objective == "diffusion" else 0.0,
         timesteps=cfg.timesteps, t_mean=cfg.t_mean, t_std=cfg.t_std, t_shift=cfg.t_shift, trainable="all",
-        topk=sparse.topk, topp=sparse.topp, **cfg.mask_settings(),
+        sparse=sparse,
         data=variant.data or "train", frames=cfg.frames, size=cfg.size, seed=cfg.seed, device=device,
         ckpt_every=steps, keep_checkpoints=1, log_every=max(1, min(25, steps // 10 or 1)),
         time_limit_min=limit_min, export=False, plot=not cfg.smoke, progress=cfg.progress,
@@ -397,230 +395,234 @@ def plan_steps(budget_s: float, objectives: Sequence[str], step_s: dict[str, flo
     return max(1, int(margin * (budget_s - fixed) / per_step))
 
 
+class _Run:
+    """One ablation run: its model, device, budget, rows and the payload written after every step."""
+
+    def __init__(self, cfg: AblationConfig, model, started: float | None):
+        from .data import ShapesConfig
+        from .model import token_grid
+        from ..utils import resolve_device
+
+        self.cfg = cfg
+        self.t_start = time.monotonic() if started is None else started
+        self.deadline = self.t_start + cfg.time_limit_min * 60
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.out, self.work = Path(cfg.out), Path(cfg.work_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        if model is None:
+            model, self.model_dir = _load_model(cfg, self.device)
+        else:
+            model, self.model_dir = model.to(self.device).eval(), None
+        self.model = model.requires_grad_(False)
+        self.data = ShapesConfig(frames=cfg.frames, size=cfg.size, text_dim=int(model.config.text_dim))
+        self.tokens = math.prod(token_grid(model.config, self.data.frames, self.data.size, self.data.size))
+        block_k = cfg.sparse.block_k
+        self.n_kv = -(-self.tokens // block_k)
+        self.kept_topk = max(1, math.floor(cfg.topk_only * self.n_kv * (1 + 1e-6)))  # the masker's rounding
+        self.selected = [v for v in VARIANTS if v.id in cfg.variants]
+        self.trained = sorted((v for v in self.selected if v.objective), key=lambda v: _TRAIN_ORDER.index(v.id))
+        self.topp: dict[str, float] = {}
+        self.cache: dict = {}
+        self.dense_loss: float | None = None
+        self.eval_costs: list[float] = []
+        self.payload = self._new_payload()
+        self.rows = {v.id: {"id": v.id, "variant": v.name, "method": v.mask, "objective": v.objective or "none",
+                            "data": v.data or "-", "topk": None, "topp": None, "status": "pending"} for v in self.selected}
+        self.payload["variants"] = [self.rows[v.id] for v in self.selected]
+        target = self.payload["target_sparsity"]
+        _log(f"{self.tokens} tokens, {self.n_kv} key blocks of {block_k}; Top-k only k={cfg.topk_only} keeps "
+             f"{self.kept_topk} -> target block sparsity {target:.4f}; device {device_name(self.device)}; "
+             f"budget {cfg.time_limit_min:g} min")
+
+    def _new_payload(self) -> dict[str, Any]:
+        cfg, device = self.cfg, self.device
+        target = cfg.target_sparsity if cfg.target_sparsity is not None else 1 - self.kept_topk / self.n_kv
+        return {
+            "title": "SpargeAttention2 ablation (Table 6) on the tiny Wan model",
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": cfg.command,
+            "device": str(device), "device_name": device_name(device),
+            "precision": "bf16 autocast" if device.type == "cuda" else "float32", "versions": versions(),
+            "model": str(self.model_dir) if self.model_dir is not None else "(in-memory model)",
+            "tokens": self.tokens, "settings": jsonable({k: v for k, v in vars(cfg).items() if k != "command"}),
+            "target_sparsity": target, "calibration": {}, "plan": {}, "variants": [], "status": "running",
+        }
+
+    def write(self) -> None:
+        """ablation.json and ablation.md, after every step, so a run that dies still leaves its results."""
+        self.payload["elapsed_s"] = time.monotonic() - self.t_start
+        (self.out / "ablation.json").write_text(json.dumps(jsonable(self.payload), indent=2) + "\n")
+        (self.out / "ablation.md").write_text(render_markdown(self.payload))
+
+    def measure(self, sparse: SparseConfig) -> float:
+        return measured_sparsity(self.model, sparse, self.cfg, self.data, self.device)
+
+    def evaluate(self, model, sparse: SparseConfig | None) -> dict[str, Any]:
+        return _evaluate(model, sparse, self.cfg, self.model, self.data, self.device, self.cache)
+
+    def finish_row(self, row: dict[str, Any], result: dict[str, Any]) -> None:
+        row.update(result)
+        if self.dense_loss is not None and row.get("val_loss") is not None:
+            row["delta_vs_dense_pct"] = 100.0 * (row["val_loss"] - self.dense_loss) / self.dense_loss
+        row["status"] = "done"
+
+    # ---- 1. calibrate p of Top-p only and of the hybrid on validation clips
+    def calibrate(self) -> None:
+        cfg, cal = self.cfg, self.payload["calibration"]
+        t0 = time.monotonic()
+        needs = {v.mask for v in self.selected}
+        if cfg.priors and cfg.target_sparsity is None:
+            # the prior's blocks come on top of Top-k's where Top-k did not pick them: measure, not count
+            self.payload["target_sparsity"] = self.measure(cfg.mask("topk", {}))
+            _log(f"with the prior(s), Top-k only measures block sparsity {self.payload['target_sparsity']:.4f}: the target")
+        target = self.payload["target_sparsity"]
+        for key, fixed in (("topp", cfg.topp_only), ("hybrid", cfg.hybrid_topp)):
+            make = functools.partial(lambda k, p: cfg.mask(k, {k: p}), key)
+            if key not in needs:
+                self.topp[key] = fixed if fixed is not None else 0.5
+                continue
+            if fixed is not None:
+                self.topp[key] = fixed
+                cal[key] = {"p": fixed, "sparsity": self.measure(make(fixed)), "calibrated": False}
+            else:
+                res = calibrate_topp(self.model, make, target, iters=cfg.calib_iters, measure=self.measure)
+                self.topp[key] = res["p"]
+                cal[key] = {"p": res["p"], "sparsity": res["sparsity"], "calibrated": True, "trace": res["trace"]}
+            _log(f"calibrated {key}: p={cal[key]['p']:.5f} -> block sparsity {cal[key]['sparsity']:.4f} (target {target:.4f})")
+        if "topk" in needs:
+            cal["topk"] = {"k": cfg.topk_only, "sparsity": self.measure(cfg.mask("topk", self.topp)),
+                           "kept_blocks": self.kept_topk}
+        cal.update(seconds=time.monotonic() - t0, clips=cfg.calib_clips, num_t=cfg.calib_num_t)
+        for v in self.selected:
+            sp = cfg.mask(v.mask, self.topp)
+            if sp is not None:
+                self.rows[v.id]["topk"], self.rows[v.id]["topp"] = sp.options["topk"], sp.options["topp"]
+        self.write()
+
+    # ---- 2. untrained variants (dense first: the reference of every delta)
+    def evaluate_untrained(self) -> None:
+        if 1 not in self.cfg.variants:  # the delta column still needs the dense number
+            self.dense_loss = self.evaluate(self.model, None)["val_loss"]
+        for v in (v for v in self.selected if not v.objective):
+            r = self.evaluate(self.model, self.cfg.mask(v.mask, self.topp))
+            if v.id == 1:
+                self.dense_loss = r["val_loss"]
+            else:
+                self.eval_costs.append(r["eval_seconds"])
+            self.finish_row(self.rows[v.id], r | {"steps": 0, "train_seconds": 0.0})
+            _log(f"variant {v.id} ({v.name}): val loss {r['val_loss']:.5f}, sparsity {r['sparsity']}, "
+                 f"PSNR {r['psnr']}, {r['eval_seconds']:.1f} s")
+            self.write()
+        self.payload["dense_val_loss"] = self.dense_loss
+
+    # ---- 3. plan the steps of the trained variants
+    def plan(self) -> dict[str, Any]:
+        cfg = self.cfg
+        # the first sparse evaluation pays for kernel compilation / autotuning: leave it out
+        warm = self.eval_costs[1:] or self.eval_costs
+        eval_s = max(warm) if warm else 0.0
+        if cfg.steps is not None:
+            plan = {"steps": cfg.steps, "source": "fixed (--steps)", "eval_s": eval_s, "step_s": {}}
+        else:
+            # time one short run per objective: velocity distillation also runs the teacher. It goes
+            # first: its first steps absorb the one-time costs (Triton autotuning of the backward)
+            hybrid = cfg.mask("hybrid", self.topp)
+            meas = {obj: _measure_step_time(cfg, self.model, hybrid, self.work, self.device, obj)
+                    for obj in sorted({v.objective for v in self.trained}, key=lambda o: o != "distill")}
+            step_s = {obj: m["step_s"] for obj, m in meas.items()}
+            left = self.deadline - time.monotonic() - cfg.reserve_s
+            steps = plan_steps(left, [v.objective for v in self.trained], step_s,
+                               {obj: m["overhead_s"] for obj, m in meas.items()}, eval_s)
+            plan = {"steps": steps, "source": f"time budget ({cfg.time_limit_min:g} min)", "step_s": step_s,
+                    "throughput_runs": meas, "train_budget_s": left, "eval_s": eval_s}
+            rates = ", ".join(f"{obj} {1e3 * s:.0f} ms" for obj, s in step_s.items())
+            _log(f"throughput per step (batch {cfg.batch_size}): {rates}; {left:.0f} s left for "
+                 f"{len(self.trained)} trained variants -> {steps} steps each")
+        self.payload["plan"] = plan
+        self.write()
+        return plan
+
+    # ---- 4. train and evaluate
+    def time_limit_min(self, v: Variant, plan: dict[str, Any]) -> float | None | bool:
+        """The variant's hard time limit in minutes (None: fixed steps), False to skip it."""
+        if self.cfg.steps is not None:
+            return None
+        # what is left for this variant's training once its evaluation is paid for
+        left = self.deadline - time.monotonic() - self.cfg.reserve_s - 1.25 * plan["eval_s"]
+        expected = plan["step_s"][v.objective] * plan["steps"]
+        if left < 0.5 * expected:
+            self.rows[v.id]["status"] = "skipped (time)"
+            _log(f"variant {v.id}: skipped, {left:.0f} s left for {expected:.0f} s of training")
+            return False
+        # a hard stop: a slow variant cannot eat the others' time or the final writes
+        return min(1.5 * expected + 10.0, left) / 60
+
+    def train_variant(self, v: Variant, plan: dict[str, Any]) -> None:
+        from ..training.distill import train_student
+
+        limit_min = self.time_limit_min(v, plan)
+        if limit_min is False:
+            return
+        cfg, row, steps = self.cfg, self.rows[v.id], plan["steps"]
+        sparse = cfg.mask(v.mask, self.topp)
+        run_dir = self.work / f"v{v.id:02d}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        dcfg = _distill_config(cfg, v, sparse, run_dir, steps, limit_min, str(self.device))
+        summary, student = train_student(dcfg, model=self.model)
+        sync(self.device)
+        row.update(steps=summary["step"], train_seconds=summary["train_loop_s"], first_train_loss=summary["first_loss"],
+                   final_train_loss=summary["final_loss"], stop_reason=summary["stop_reason"])
+        if v.id == EXPORT_VARIANT:
+            _export(student, self.out / "distilled_hybrid", self.model_dir, cfg, v, sparse, summary, self.payload)
+            row["exported_to"] = str(self.out / "distilled_hybrid")
+        r = self.evaluate(student, sparse)
+        del student
+        self.finish_row(row, r)
+        if summary["step"] != steps:
+            row["status"] = f"done ({summary['stop_reason']} after {summary['step']} of {steps} steps)"
+        _log(f"variant {v.id} ({v.name}, {v.data}): {summary['step']} steps in {summary['train_loop_s']:.1f} s, "
+             f"val loss {r['val_loss']:.5f} ({row['delta_vs_dense_pct']:+.1f}% vs dense), sparsity {r['sparsity']}, "
+             f"PSNR {r['psnr']}")
+
+    def train_all(self, plan: dict[str, Any]) -> None:
+        for v in self.trained:
+            try:
+                self.train_variant(v, plan)
+            except Exception as e:  # one failed variant (e.g. a diverging loss) must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                self.rows[v.id]["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                _log(f"variant {v.id}: {self.rows[v.id]['status']}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.write()
+
+
 def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, started: float | None = None) -> dict[str, Any]:
     """Run the ablation; returns the payload written to ``out/ablation.json``.
 
     ``model`` (float32) replaces loading ``cfg.model`` (tests). ``started``: the
     ``time.monotonic()`` the time limit counts from (default: now; the CLI passes its import time).
     """
-    from .data import ShapesConfig
-    from ..training.distill import train_student
-    from ..utils import resolve_device
-
-    t_start = time.monotonic() if started is None else started
-    deadline = t_start + cfg.time_limit_min * 60
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    out = Path(cfg.out)
-    work = Path(cfg.work_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-
-    if model is None:
-        model, model_dir = _load_model(cfg, device)
-    else:
-        model_dir = None
-        model = model.to(device).eval()
-    model.requires_grad_(False)
-    data = ShapesConfig(frames=cfg.frames, size=cfg.size, text_dim=int(model.config.text_dim))
-    from .model import token_grid
-
-    tokens = math.prod(token_grid(model.config, data.frames, data.size, data.size))
-    n_kv = -(-tokens // cfg.block_k)
-    kept_topk = max(1, math.floor(cfg.topk_only * n_kv * (1 + 1e-6)))  # the masker's rounding
-    target = cfg.target_sparsity if cfg.target_sparsity is not None else 1 - kept_topk / n_kv
-    priors = cfg.keep_diagonal or cfg.keep_sink
-    selected = [v for v in VARIANTS if v.id in cfg.variants]
-    trained = sorted((v for v in selected if v.objective), key=lambda v: _TRAIN_ORDER.index(v.id))
-    _log(f"{tokens} tokens, {n_kv} key blocks of {cfg.block_k}; Top-k only k={cfg.topk_only} keeps {kept_topk} "
-         f"-> target block sparsity {target:.4f}; device {_device_name(device)}; budget {cfg.time_limit_min:g} min")
-
-    payload: dict[str, Any] = {
-        "title": "SpargeAttention2 ablation (Table 6) on the tiny Wan model",
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "command": cfg.command,
-        "device": str(device),
-        "device_name": _device_name(device),
-        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
-        "versions": _versions(),
-        "model": str(model_dir) if model_dir is not None else "(in-memory model)",
-        "tokens": tokens,
-        "settings": _jsonable({k: v for k, v in vars(cfg).items() if k not in ("command",)}),
-        "target_sparsity": target,
-        "calibration": {},
-        "plan": {},
-        "variants": [],
-        "status": "running",
-    }
-
-    def write() -> None:  # after every step, so a run that dies still leaves its results
-        payload["elapsed_s"] = time.monotonic() - t_start
-        (out / "ablation.json").write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
-        (out / "ablation.md").write_text(render_markdown(payload))
-
-    rows: dict[int, dict[str, Any]] = {}
-    for v in selected:
-        rows[v.id] = {"id": v.id, "variant": v.name, "method": v.mask, "objective": v.objective or "none",
-                      "data": v.data or "-", "topk": None, "topp": None, "status": "pending"}
-    payload["variants"] = [rows[v.id] for v in selected]
-
-    # ---- 1. calibrate p of Top-p only and of the hybrid on validation clips
-    t0 = time.monotonic()
-    topp: dict[str, float] = {}
-    measure = lambda sparse: measured_sparsity(model, sparse, cfg, data, device)  # noqa: E731
-    needs = {v.mask for v in selected}
-    from ..config import SparseConfig
-
-    common = cfg.mask_settings()
-    if priors and cfg.target_sparsity is None:
-        # the prior's blocks come on top of Top-k's where Top-k did not pick them: measure, not count
-        target = measure(SparseConfig(topk=cfg.topk_only, topp=None, **common))
-        payload["target_sparsity"] = target
-        _log(f"with the prior(s), Top-k only measures block sparsity {target:.4f}: the target")
-    for key, fixed, make in (
-        ("topp", cfg.topp_only, lambda p: SparseConfig(topk=None, topp=p, **common)),
-        ("hybrid", cfg.hybrid_topp, lambda p: SparseConfig(topk=cfg.hybrid_topk, topp=p, **common)),
-    ):
-        if key not in needs:
-            topp[key] = fixed if fixed is not None else 0.5
-            continue
-        if fixed is not None:
-            topp[key] = fixed
-            payload["calibration"][key] = {"p": fixed, "sparsity": measure(make(fixed)), "calibrated": False}
-        else:
-            res = calibrate_topp(model, make, target, iters=cfg.calib_iters, measure=measure)
-            topp[key] = res["p"]
-            payload["calibration"][key] = {"p": res["p"], "sparsity": res["sparsity"], "calibrated": True,
-                                           "trace": res["trace"]}
-        c = payload["calibration"][key]
-        _log(f"calibrated {key}: p={c['p']:.5f} -> block sparsity {c['sparsity']:.4f} (target {target:.4f})")
-    if "topk" in needs:
-        payload["calibration"]["topk"] = {"k": cfg.topk_only, "sparsity": measure(cfg.sparse("topk", topp)),
-                                          "kept_blocks": kept_topk}
-    payload["calibration"]["seconds"] = time.monotonic() - t0
-    payload["calibration"]["clips"], payload["calibration"]["num_t"] = cfg.calib_clips, cfg.calib_num_t
-    for v in selected:
-        sp = cfg.sparse(v.mask, topp)
-        if sp is not None:
-            rows[v.id]["topk"], rows[v.id]["topp"] = sp.topk, sp.topp
-    write()
-
-    # ---- 2. untrained variants (dense first: the reference of every Δ)
-    cache: dict = {}
-    dense_loss = None
-    eval_costs = []
-
-    def finish_row(row: dict[str, Any], result: dict[str, Any]) -> None:
-        row.update(result)
-        if dense_loss is not None and row.get("val_loss") is not None:
-            row["delta_vs_dense_pct"] = 100.0 * (row["val_loss"] - dense_loss) / dense_loss
-        row["status"] = "done"
-
-    reference = model
-    if 1 not in cfg.variants:  # the Δ column still needs the dense number
-        dense_loss = _evaluate(model, None, cfg, reference, data, device, cache)["val_loss"]
-    for v in (v for v in selected if not v.objective):
-        r = _evaluate(model, cfg.sparse(v.mask, topp), cfg, reference, data, device, cache)
-        if v.id == 1:
-            dense_loss = r["val_loss"]
-        else:
-            eval_costs.append(r["eval_seconds"])
-        finish_row(rows[v.id], r | {"steps": 0, "train_seconds": 0.0})
-        _log(f"variant {v.id} ({v.name}): val loss {r['val_loss']:.5f}, sparsity {r['sparsity']}, "
-             f"PSNR {r['psnr']}, {r['eval_seconds']:.1f} s")
-        write()
-    payload["dense_val_loss"] = dense_loss
-
-    # ---- 3. plan the steps of the trained variants
-    if trained:
-        hybrid = cfg.sparse("hybrid", topp)
-        # the first sparse evaluation pays for kernel compilation / autotuning: leave it out
-        warm = eval_costs[1:] or eval_costs
-        eval_s = max(warm) if warm else 0.0
-        step_s: dict[str, float] = {}
-        if cfg.steps is not None:
-            steps = cfg.steps
-            plan = {"steps": steps, "source": "fixed (--steps)", "eval_s": eval_s}
-        else:
-            # time one short run per objective: velocity distillation also runs the teacher. It goes
-            # first: its first steps absorb the one-time costs (Triton autotuning of the backward)
-            meas = {obj: _measure_step_time(cfg, model, hybrid, work, device, obj)
-                    for obj in sorted({v.objective for v in trained}, key=lambda o: o != "distill")}
-            step_s = {obj: m["step_s"] for obj, m in meas.items()}
-            left = deadline - time.monotonic() - cfg.reserve_s
-            steps = plan_steps(left, [v.objective for v in trained], step_s,
-                               {obj: m["overhead_s"] for obj, m in meas.items()}, eval_s)
-            plan = {"steps": steps, "source": f"time budget ({cfg.time_limit_min:g} min)", "step_s": step_s,
-                    "throughput_runs": meas, "train_budget_s": left, "eval_s": eval_s}
-            rates = ", ".join(f"{obj} {1e3 * s:.0f} ms" for obj, s in step_s.items())
-            _log(f"throughput per step (batch {cfg.batch_size}): {rates}; {left:.0f} s left for "
-                 f"{len(trained)} trained variants -> {steps} steps each")
-        payload["plan"] = plan
-        write()
-
-        # ---- 4. train and evaluate
-        for i, v in enumerate(trained):
-            row = rows[v.id]
-            limit_min = None
-            if cfg.steps is None:
-                # what is left for this variant's training once its evaluation is paid for
-                left = deadline - time.monotonic() - cfg.reserve_s - 1.25 * plan["eval_s"]
-                expected = step_s[v.objective] * steps
-                if left < 0.5 * expected:
-                    row["status"] = "skipped (time)"
-                    _log(f"variant {v.id}: skipped, {left:.0f} s left for {expected:.0f} s of training")
-                    write()
-                    continue
-                # a hard stop: a slow variant cannot eat the others' time or the final writes
-                limit_min = min(1.5 * expected + 10.0, left) / 60
-            sparse = cfg.sparse(v.mask, topp)
-            run_dir = work / f"v{v.id:02d}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            dcfg = _distill_config(cfg, v, sparse, run_dir, steps, limit_min, str(device))
-            student = None
-            try:
-                summary, student = train_student(dcfg, model=model)
-                _sync(device)
-                row.update(steps=summary["step"], train_seconds=summary["train_loop_s"],
-                           first_train_loss=summary["first_loss"], final_train_loss=summary["final_loss"],
-                           stop_reason=summary["stop_reason"])
-                if v.id == EXPORT_VARIANT:
-                    _export(student, out / "distilled_hybrid", model_dir, cfg, v, sparse, summary, payload)
-                    row["exported_to"] = str(out / "distilled_hybrid")
-                r = _evaluate(student, sparse, cfg, reference, data, device, cache)
-            except Exception as e:  # one failed variant (e.g. a diverging loss) must not lose the others
-                import traceback
-
-                traceback.print_exc()
-                row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-                _log(f"variant {v.id}: {row['status']}")
-                del student
-                write()
-                continue
-            finish_row(row, r)
-            if summary["step"] != steps:
-                row["status"] = f"done ({summary['stop_reason']} after {summary['step']} of {steps} steps)"
-            _log(f"variant {v.id} ({v.name}, {v.data}): {summary['step']} steps in {summary['train_loop_s']:.1f} s, "
-                 f"val loss {r['val_loss']:.5f} ({row['delta_vs_dense_pct']:+.1f}% vs dense), sparsity {r['sparsity']}, "
-                 f"PSNR {r['psnr']}")
-            del student
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            write()
-
-    payload["status"] = "done"
-    write()
-    _log(f"done in {payload['elapsed_s']:.0f} s: {out / 'ablation.json'}, {out / 'ablation.md'}")
-    return payload
+    run = _Run(cfg, model, started)
+    run.calibrate()
+    run.evaluate_untrained()
+    if run.trained:
+        run.train_all(run.plan())
+    run.payload["status"] = "done"
+    run.write()
+    _log(f"done in {run.payload['elapsed_s']:.0f} s: {run.out / 'ablation.json'}, {run.out / 'ablation.md'}")
+    return run.payload
 
 
 def _export(student, path: Path, model_dir: Path | None, cfg: AblationConfig, v: Variant, sparse, summary, payload) -> None:
     """fp16 save_pretrained of the distilled student, with the source's sampling.json and a card."""
-    from ..training.distill import save_student, sparse_setting, write_sparse_setting
+    from ..training.distill import save_student
 
-    shown = {k: v for k, v in sparse_setting(sparse).items() if v is not False}  # priors only when on
 
     shutil.rmtree(path, ignore_errors=True)
     save_student(student, path)
@@ -634,7 +636,7 @@ block-sparse self-attention in the student. Variant {v.id} of `python -m vidspar
 
 | | |
 |---|---|
-| sparse setting to use | `SparseConfig({", ".join(f"{k}={v!r}" for k, v in shown.items())})` (also in `sparse_config.json`) |
+| sparse setting to use | `{sparse.describe()}`, backend {sparse.backend}: `SparseConfig.load(path)` reads it from `sparse_config.json` |
 | measured block sparsity (calibration) | {payload['calibration'].get('hybrid', {}).get('sparsity', float('nan')):.4f} |
 | fine-tuning data | "{v.data}" split of `vidsparse.tiny.data` (colours, motions and backgrounds held out of pretraining) |
 | steps | {summary['step']} x batch {cfg.batch_size}, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio:g} x), all parameters |
@@ -643,36 +645,27 @@ block-sparse self-attention in the student. Variant {v.id} of `python -m vidspar
 | date | {payload['date']} |
 
 Weights: fp16 safetensors (`save_pretrained`); load with `vidsparse.tiny.load_tiny_wan(path)` and
-patch with the setting above (`vidsparse.patch(model, SparseConfig(...))`). It was trained for
+patch with the setting above (`vidsparse.patch(model, SparseConfig.load(path))`). It was trained for
 that sparse setting; for dense attention use the original model. Quality against the original:
 `ablation.md` / `ablation.json` of the same run (variant {v.id}).
 """
     (path / "MODEL_CARD.md").write_text(card)
-    write_sparse_setting(path, sparse)  # what the student was distilled for: `vidsparse demo --distilled` reads it
+    sparse.save(path)  # what the student was distilled for: `vidsparse demo --distilled` reads it
 
 
 # ----------------------------------------------------------------------------------------------
 # markdown
 
 
-def _f(x: Any, spec: str, none: str = "–") -> str:
-    if x is None:
-        return none
-    if isinstance(x, str):
-        return x
-    if isinstance(x, float) and math.isinf(x):
-        return "∞"
-    return format(x, spec)
-
-
-def _priors_text(settings: dict[str, Any]) -> str:
-    on = [name for name in ("keep_diagonal", "keep_sink") if settings.get(name)]
+def _priors_text(options: dict[str, Any]) -> str:
+    on = [name for name in ("keep_diagonal", "keep_sink") if options.get(name)]
     return f" with {' and '.join(on)}" if on else ""
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
-    """The ablation table and its context, ready to paste into docs/results.md."""
+    """The ablation table and its context, ready to paste into docs/benchmarks.md."""
     s = payload["settings"]
+    mask = s["sparse"]  # SparseConfig.to_dict() of the base setting
     vers = payload["versions"]
     plan = payload.get("plan") or {}
     lines = [
@@ -681,15 +674,15 @@ def render_markdown(payload: dict[str, Any]) -> str:
         f"`{payload.get('command') or 'python -m vidsparse.tiny.ablation'}`, {payload['date']}, "
         f"**{payload['device_name']}**, torch {vers.get('torch')}, triton {vers.get('triton')}, "
         f"diffusers {vers.get('diffusers')}, {payload['precision']}. {payload['tokens']} tokens per clip "
-        f"({s['frames']}x{s['size']}x{s['size']}), blocks {s['block_q']}x{s['block_k']}, {s.get('token_order', 'raster')} "
-        f"token order{_priors_text(s)}, target block sparsity "
+        f"({s['frames']}x{s['size']}x{s['size']}), blocks {mask['block_q']}x{mask['block_k']}, "
+        f"{mask['options'].get('token_order', 'raster')} token order{_priors_text(mask['options'])}, target block sparsity "
         f"{100 * payload['target_sparsity']:.1f}% (Top-k only at k = {s['topk_only']}).",
         "",
         f"Fine-tuning: {plan.get('steps', '–')} steps per trained variant ({plan.get('source', '')}), batch "
         f"{s['batch_size']}, AdamW lr {s['lr']:g} (warm-up {s['warmup_steps']}, cosine to {s['min_lr_ratio']:g} x), "
         f"weight decay {s['weight_decay']}, all parameters, seed {s['seed']}; timesteps {s['timesteps']} "
         f"(mean {s['t_mean']}, std {s['t_std']}) with shift {s['t_shift']:g}. Evaluation "
-        f"(`vidsparse.evaluate.evaluate_variant`): val loss = flow-matching MSE on {s['eval_clips']} \"val\" clips x "
+        f"(`vidsparse.tiny.evaluate.evaluate_variant`): val loss = flow-matching MSE on {s['eval_clips']} \"val\" clips x "
         f"{s['eval_num_t']} fixed times; shifted = the same on the \"shifted\" split; PSNR/SSIM of {s['samples']} "
         f"samples ({s['sample_steps']} Euler steps) against the original dense model's samples (same conditions and "
         f"noise); shape acc = fraction of {s.get('shape_samples', 0)} single-object samples whose shape the "
@@ -704,11 +697,11 @@ def render_markdown(payload: dict[str, Any]) -> str:
         sp = None if r.get("sparsity") is None else 100 * r["sparsity"]
         status = "" if r.get("status") == "done" else f" ({r.get('status')})"
         lines.append(
-            f"| {r['id']} | {r['variant']}{status} | {r['method']} | {r['data']} | {_f(r.get('topk'), 'g')} | "
-            f"{_f(r.get('topp'), '.4f')} | {_f(sp, '.1f')} | {_f(r.get('steps'), 'd')} | "
-            f"{_f(r.get('train_seconds'), '.0f')} | {_f(r.get('val_loss'), '.5f')} | "
-            f"{_f(r.get('delta_vs_dense_pct'), '+.1f')} | {_f(r.get('shifted_val_loss'), '.5f')} | "
-            f"{_f(r.get('psnr'), '.2f')} | {_f(r.get('ssim'), '.4f')} | {_f(r.get('shape_accuracy'), '.2f')} |"
+            f"| {r['id']} | {r['variant']}{status} | {r['method']} | {r['data']} | {fmt(r.get('topk'), 'g', '–')} | "
+            f"{fmt(r.get('topp'), '.4f', '–')} | {fmt(sp, '.1f', '–')} | {fmt(r.get('steps'), 'd', '–')} | "
+            f"{fmt(r.get('train_seconds'), '.0f', '–')} | {fmt(r.get('val_loss'), '.5f', '–')} | "
+            f"{fmt(r.get('delta_vs_dense_pct'), '+.1f', '–')} | {fmt(r.get('shifted_val_loss'), '.5f', '–')} | "
+            f"{fmt(r.get('psnr'), '.2f', '–')} | {fmt(r.get('ssim'), '.4f', '–')} | {fmt(r.get('shape_accuracy'), '.2f', '–')} |"
         )
     cal = payload.get("calibration", {})
     parts = []
@@ -741,7 +734,12 @@ def _variants_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated variant ids, got {text!r}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
+_POSITIVE = float_in(0, low_open=True)
+_FRACTION = float_in(0, 1, low_open=True)  # (0, 1]
+_OPEN_FRACTION = float_in(0, 1, low_open=True, high_open=True)  # (0, 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
     d = AblationConfig(out="")
     p = argparse.ArgumentParser(
         prog="python -m vidsparse.tiny.ablation",
@@ -750,58 +748,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ablation.json, ablation.md and distilled_hybrid/ go here")
     p.add_argument("--work-dir", default=None, help="checkpoints and logs (default runs/ablation; smoke: runs/ablation_smoke)")
     p.add_argument("--model", default=None, help="diffusers Wan directory (default: the embedded tiny model)")
-    p.add_argument("--time-limit-min", type=float, default=d.time_limit_min, help=f"budget of the whole run, imports included (default {d.time_limit_min:g})")
-    p.add_argument("--steps", type=int, default=None, help="fixed steps per trained variant (default: planned from the budget)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"clips per step (default {d.batch_size}; smoke 2)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak lr (default {d.lr:g})")
-    p.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"cosine floor (default {d.min_lr_ratio:g})")
-    p.add_argument("--topk-only", type=float, default=None, help=f"k of the Top-k variants (default {d.topk_only})")
-    p.add_argument("--hybrid-topk", type=float, default=None, help=f"k of the hybrid variants (default {d.hybrid_topk})")
-    p.add_argument("--topp-only", type=_optional_float, default=None, help="fixed p of Top-p only (default: calibrated)")
-    p.add_argument("--hybrid-topp", type=_optional_float, default=None, help="fixed p of the hybrid (default: calibrated)")
-    p.add_argument("--target-sparsity", type=float, default=None, help="calibration target (default: Top-k only's)")
-    p.add_argument("--block-q", type=int, default=None, help=f"query block of every mask (default {d.block_q})")
-    p.add_argument("--block-k", type=int, default=None, help=f"key block of every mask (default {d.block_k})")
-    p.add_argument("--token-order", choices=TOKEN_ORDERS, default=None,
-                   help=f"raster (the paper's) or tiled (each query block a compact 3-D tile; default {d.token_order})")
-    p.add_argument("--keep-diagonal", action="store_true", help="every mask also keeps each query block's own key block")
-    p.add_argument("--keep-sink", action="store_true", help="every mask also keeps the first key block")
-    p.add_argument("--t-shift", type=float, default=None, help=f"shift of the training times (default {d.t_shift:g})")
-    p.add_argument("--shape-samples", type=int, default=None,
+    p.add_argument("--time-limit-min", type=_POSITIVE, default=d.time_limit_min, help=f"budget of the whole run, imports included (default {d.time_limit_min:g})")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="fixed steps per trained variant (default: planned from the budget)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help=f"clips per step (default {d.batch_size}; smoke 2)")
+    p.add_argument("--lr", type=_POSITIVE, default=d.lr, help=f"AdamW peak lr (default {d.lr:g})")
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=None, help=f"(default {d.warmup_steps})")
+    p.add_argument("--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio, help=f"cosine floor (default {d.min_lr_ratio:g})")
+    p.add_argument("--topk-only", type=_FRACTION, default=None, help=f"k of the Top-k variants (default {d.topk_only})")
+    p.add_argument("--hybrid-topk", type=_FRACTION, default=None, help=f"k of the hybrid variants (default {d.hybrid_topk})")
+    p.add_argument("--topp-only", type=float_in(0, 1, low_open=True, high_open=True, none=True), default=None,
+                   help="fixed p of Top-p only (default: calibrated)")
+    p.add_argument("--hybrid-topp", type=float_in(0, 1, low_open=True, high_open=True, none=True), default=None,
+                   help="fixed p of the hybrid (default: calibrated)")
+    p.add_argument("--target-sparsity", type=_OPEN_FRACTION, default=None, help="calibration target (default: Top-k only's)")
+    p.add_argument("--t-shift", type=_POSITIVE, default=None, help=f"shift of the training times (default {d.t_shift:g})")
+    p.add_argument("--shape-samples", type=int_at_least(0), default=None,
                    help=f"single-object samples per variant judged by the shape classifier (default {d.shape_samples})")
     p.add_argument("--variants", type=_variants_arg, default=None, help="subset of 1..10, e.g. 1,4,8")
-    p.add_argument("--eval-clips", type=int, default=None, help=f"val clips (default {d.eval_clips})")
-    p.add_argument("--samples", type=int, default=None, help=f"samples for PSNR/SSIM (default {d.samples})")
-    p.add_argument("--sample-steps", type=int, default=None, help=f"Euler steps per sample (default {d.sample_steps})")
+    p.add_argument("--eval-clips", type=int_at_least(1), default=None, help=f"val clips (default {d.eval_clips})")
+    p.add_argument("--samples", type=int_at_least(0), default=None, help=f"samples for PSNR/SSIM (default {d.samples})")
+    p.add_argument("--sample-steps", type=int_at_least(1), default=None, help=f"Euler steps per sample (default {d.sample_steps})")
     p.add_argument("--no-shifted-eval", action="store_true", help="skip the shifted split's val loss")
-    p.add_argument("--seed", type=int, default=d.seed, help="data, noise and evaluation seed (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=d.seed, help="data, noise and evaluation seed (default 0)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU configuration (end-to-end check)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU configuration (end-to-end check; 16x16 blocks)")
     p.add_argument("--progress", action="store_true", help="tqdm bars")
+    add_mask_arguments(p, d.sparse, title="the base mask of every sparse variant (k and p are set per variant)")
     return p
 
 
+def base_sparse_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SparseConfig:
+    """The base SparseConfig from the shared mask flags; k and p belong to the variants."""
+    given = [f for f, v in (("--topk", args.topk), ("--topp", args.topp)) if v is not UNSET]
+    given += [f"--option {k}" for k, _ in args.option if k in ("topk", "topp")]
+    if given:
+        parser.error(f"{given[0]}: the ablation sets k and p per variant; use --topk-only / --hybrid-topk "
+                     "(and --topp-only / --hybrid-topp to skip the calibration)")
+    if args.method is not UNSET and args.method != "hybrid":
+        parser.error(f"--method: the ablation compares the 'hybrid' masker's Top-k, Top-p and hybrid rules, "
+                     f"not {args.method!r}")
+    return sparse_config_from_args(args, parser, defaults=SparseConfig(**_SMOKE_BLOCKS) if args.smoke else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cmd = "python -m vidsparse.tiny.ablation " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     changes: dict[str, Any] = dict(model=args.model, time_limit_min=args.time_limit_min, steps=args.steps, lr=args.lr,
                                    min_lr_ratio=args.min_lr_ratio, topp_only=args.topp_only, hybrid_topp=args.hybrid_topp,
                                    target_sparsity=args.target_sparsity, shifted_eval=not args.no_shifted_eval,
                                    seed=args.seed, device=args.device, progress=args.progress, command=cmd,
-                                   keep_diagonal=args.keep_diagonal, keep_sink=args.keep_sink)
+                                   sparse=base_sparse_from_args(args, parser))
     for name in ("batch_size", "warmup_steps", "topk_only", "hybrid_topk", "eval_clips", "samples", "sample_steps",
-                 "variants", "work_dir", "block_q", "block_k", "token_order", "t_shift", "shape_samples"):
+                 "variants", "work_dir", "t_shift", "shape_samples"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     try:
         if args.smoke:
-            changes.setdefault("steps", None)
-            if changes["steps"] is None:
-                changes["steps"] = _SMOKE["steps"]
+            changes["steps"] = changes["steps"] or _SMOKE["steps"]
             cfg = smoke_config(args.out, **changes)
         else:
             cfg = AblationConfig(out=args.out, **changes)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         payload = run_ablation(cfg, started=_T_IMPORT)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
