@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from vidsparse import SparseConfig
 from vidsparse.tiny import demo
+from vidsparse.tiny.demo_media import write_videos
 from vidsparse.cli import main
 from vidsparse.tiny.data import describe, sample_conditions
 from vidsparse.tiny.model import default_weights_dir, load_sampling_defaults, load_tiny_wan
@@ -28,7 +30,7 @@ RESULT_KEYS = {
     "eta", "shift", "seed",
     "frames", "size", "tokens", "reduced_for_cpu", "sparse_config", "captions", "sparsity", "sparsity_per_layer",
     "attention_s", "sampling_s", "psnr_db", "ssim", "psnr_db_mean", "ssim_mean", "mask", "video", "files",
-    "total_s", "labels",
+    "total_s", "labels", "sparse_config_why",
 }
 
 
@@ -59,8 +61,9 @@ def test_default_cpu_run_writes_every_file(default_run, capsys):
     # 256 tokens = 2 query x 4 key blocks; topk=0.03 keeps 1 key block per row (at least one) and
     # top-p may add more: sparsity in [0, 0.75], here above 0
     assert 0.0 < on_disk["sparsity"] <= 0.75
-    assert on_disk["sparse_config"]["topk"] == demo.DEMO_TOPK == 0.03
-    assert on_disk["sparse_config"]["topp"] == demo.DEMO_TOPP == 0.1
+    assert on_disk["sparse_config"]["options"]["topk"] == demo.DEMO_TOPK == 0.03
+    assert on_disk["sparse_config"]["options"]["topp"] == demo.DEMO_TOPP == 0.1
+    assert "SparseConfig's default 0.2" in on_disk["sparse_config_why"]  # the demo says why it differs
     assert set(on_disk["sparsity_per_layer"]) == {"0", "1", "2", "3", "4"}
     # sparse attention on a toy-sized clip does change the frames, but not into noise
     psnr = on_disk["psnr_db"][0]
@@ -136,10 +139,10 @@ def test_distilled_uses_the_student_on_the_sparse_side_only(tmp_path, default_ru
         student.proj_out.bias.zero_()
     other = tmp_path / "student_zero"
     student.save_pretrained(other)
-    (other / "sparse_config.json").write_text(json.dumps({"topk": 0.25, "topp": 0.5}))
+    SparseConfig(topk=0.25, topp=0.5).save(other)
     res = demo.run(SMALL + ["--out", str(tmp_path / "b"), "--steps", "2", "--distilled",
                             "--distilled-path", str(other)])
-    assert res["sparse_config"]["topk"] == 0.25 and res["sparse_config"]["topp"] == 0.5
+    assert res["sparse_config"]["options"]["topk"] == 0.25 and res["sparse_config"]["options"]["topp"] == 0.5
     noise = torch.randn((1, 3, 4, 32, 32), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(res["videos"]["sparse"], noise.clamp(-1, 1))
     base_dense = demo.run(SMALL + ["--out", str(tmp_path / "c"), "--steps", "2"])["videos"]["dense"]
@@ -147,7 +150,7 @@ def test_distilled_uses_the_student_on_the_sparse_side_only(tmp_path, default_ru
 
 
 def test_distilled_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "_distilled_dir", lambda: tmp_path / "tiny_wan_distilled")
+    monkeypatch.setattr(demo, "distilled_dir", lambda: tmp_path / "tiny_wan_distilled")
     with pytest.raises(SystemExit) as e:
         main(["demo", "--distilled", "--out", str(tmp_path)])
     assert e.value.code == 2
@@ -222,7 +225,7 @@ def test_model_must_be_a_pixel_space_wan_transformer(tmp_path, capsys):
     bad.mkdir()
     cfg = json.loads((default_weights_dir() / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "in_channels": 16, "out_channels": 16}))
-    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    shutil.copy(default_weights_dir() / "diffusion_pytorch_model.safetensors", bad)
     with pytest.raises(SystemExit):
         main(["demo", "--model", str(bad)])
     assert "in_channels=16" in capsys.readouterr().err
@@ -236,27 +239,24 @@ def test_cuda_without_a_gpu_is_an_error(capsys):
 
 
 def test_sparse_side_settings_from_the_student_and_the_flags(tmp_path):
-    # the shipped student's sparse_config.json sets the mask; --token-order and --topp override it
+    # the shipped student's sparse_config.json (SparseConfig.save) sets the mask; the flags change it
     parser = demo.build_parser()
-    shipped = demo._distilled_dir()
-    cfg = demo._sparse_config(parser.parse_args(["--distilled"]), parser, shipped)
-    saved = json.loads((shipped / "sparse_config.json").read_text())
-    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], saved["topp"], saved["token_order"])
-    other = "raster" if saved["token_order"] == "tiled" else "tiled"
-    cfg = demo._sparse_config(parser.parse_args(["--token-order", other, "--topp", "0.3"]), parser, shipped)
-    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (saved["topk"], 0.3, other)
-    cfg = demo._sparse_config(parser.parse_args([]), parser, None)
-    assert (float(cfg.topk), float(cfg.topp), cfg.token_order) == (demo.DEMO_TOPK, demo.DEMO_TOPP, "raster")
-    assert (cfg.keep_diagonal, cfg.keep_sink) == (False, False)
-    # the priors: from the student's file, or switched on by the flags
-    (tmp_path / "sparse_config.json").write_text(json.dumps({"topk": 0.05, "topp": None, "keep_diagonal": True}))
-    cfg = demo._sparse_config(parser.parse_args([]), parser, tmp_path)
-    assert (cfg.keep_diagonal, cfg.keep_sink, cfg.topp) == (True, False, None)
-    cfg = demo._sparse_config(parser.parse_args(["--keep-sink"]), parser, None)
-    assert (cfg.keep_diagonal, cfg.keep_sink) == (False, True)
+    shipped = demo.distilled_dir()
+    saved = SparseConfig.load(shipped)
+    cfg, why = demo._sparse_config(parser.parse_args(["--distilled"]), parser, shipped)
+    assert cfg == saved.replace(collect_stats=True) and "distilled with" in why
+    opts = saved.resolved_options()
+    other = "raster" if opts["token_order"] == "tiled" else "tiled"
+    cfg, why = demo._sparse_config(parser.parse_args(["--token-order", other, "--topp", "0.3"]), parser, shipped)
+    assert cfg == saved.replace(token_order=other, topp=0.3, collect_stats=True) and why == "the flags"
+    cfg, why = demo._sparse_config(parser.parse_args([]), parser, None)
+    assert cfg == SparseConfig(topk=demo.DEMO_TOPK, topp=demo.DEMO_TOPP, collect_stats=True)
+    assert "0.2" in why and "95%" in why
+    cfg, _ = demo._sparse_config(parser.parse_args(["--keep-sink"]), parser, None)
+    assert cfg.resolved_options()["keep_sink"] is True
     (tmp_path / "sparse_config.json").write_text("not json")
     with pytest.raises(SystemExit):
-        demo._sparse_config(parser.parse_args([]), parser, tmp_path)
+        demo._sparse_config(parser.parse_args(["--distilled-path", str(tmp_path)]), parser, tmp_path)
 
 
 def test_videos_without_imageio_ffmpeg_write_the_gif_and_warn(tmp_path, monkeypatch, capsys):
@@ -268,7 +268,7 @@ def test_videos_without_imageio_ffmpeg_write_the_gif_and_warn(tmp_path, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "imageio_ffmpeg" else real_find_spec(name, *a))
     frames = np.random.default_rng(0).integers(0, 256, size=(3, 16, 24, 3), dtype=np.uint8)
-    mp4, gif = demo._write_videos(frames, tmp_path)
+    mp4, gif = write_videos(frames, tmp_path)
     assert mp4 is None and not (tmp_path / "side_by_side.mp4").exists()
     assert "imageio-ffmpeg is not installed" in capsys.readouterr().err
     back = np.stack(list(iio.imiter(gif)))
