@@ -112,29 +112,45 @@ def capture_qk(model, x_t, t, emb) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 # --------------------------------------------------------------------------------- calibration
-def _plan_sparsity(variant: Variant, density: float, captured, grid, block_q, block_k) -> float:
-    cfg = variant.config(density)
-    opts = cfg.resolved_options()
-    values = [variant.masker(q, k, grid=grid, block_q=block_q, block_k=block_k, **opts).sparsity()
-              for q, k in captured]
+def _plans(variant: Variant, density, captured, grid, block_q, block_k, states=None):
+    """The variant's plan for every captured layer; ``states`` (one per layer) carry warm starts
+    between calls as in a pipeline (svg2 re-uses its centroids)."""
+    opts = variant.config(density).resolved_options()
+    states = states or layer_states(variant.masker, len(captured))
+    for (q, k), state in zip(captured, states):
+        yield q, k, variant.masker(q, k, grid=grid, state=state, block_q=block_q, block_k=block_k, **opts)
+
+
+def layer_states(masker: maskers.Masker, layers: int) -> list:
+    """One fresh masker state per captured layer, holding its layer index as the integration's do."""
+    states = [masker.new_state() for _ in range(layers)]
+    for i, state in enumerate(states):
+        if isinstance(state, dict):
+            state["layer"] = i
+    return states
+
+
+def _plan_sparsity(variant: Variant, density, captured, grid, block_q, block_k, states=None) -> float:
+    values = [plan.sparsity() for _, _, plan in _plans(variant, density, captured, grid, block_q, block_k, states)]
     return sum(values) / len(values)
 
 
 def calibrate(variant: Variant, target: float, captured, grid, *, block_q: int, block_k: int,
-              iters: int = 14) -> tuple[float | None, float]:
+              iters: int = 14, states=None) -> tuple[float | None, float]:
     """Density option value whose plans on ``captured`` come closest to ``target`` sparsity.
 
     Bisection in log space (sparsity falls as the option grows). Returns (value, sparsity); the
     value is None for a method without a density option (its own sparsity is reported).
     """
     masker = variant.masker
+    states = states or layer_states(masker, len(captured))
     if masker.density_option is None:
-        return None, _plan_sparsity(variant, None, captured, grid, block_q, block_k)
+        return None, _plan_sparsity(variant, None, captured, grid, block_q, block_k, states)
     lo, hi = (math.log(max(b, 1e-6)) for b in masker.density_bounds)
     best = None
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        s = _plan_sparsity(variant, math.exp(mid), captured, grid, block_q, block_k)
+        s = _plan_sparsity(variant, math.exp(mid), captured, grid, block_q, block_k, states)
         if best is None or abs(s - target) < abs(best[1] - target):
             best = (math.exp(mid), s)
         lo, hi = (mid, hi) if s > target else (lo, mid)
@@ -197,13 +213,12 @@ def predictions(model, items: Items, sparse: SparseConfig | None, *, batch_size:
     return torch.cat(out), summary
 
 
-def kept_mass(variant: Variant, density, captured, grid, *, block_q, block_k, rows: int = 512) -> tuple[float, float]:
+def kept_mass(variant: Variant, density, captured, grid, *, block_q, block_k, rows: int = 512,
+              states=None) -> tuple[float, float]:
     """(mass the plans keep, token-level bound at the same density) on ``rows`` evenly spaced
     queries of every captured layer, averaged."""
-    opts = variant.config(density).resolved_options()
     kept, bound = [], []
-    for q, k in captured:
-        plan = variant.masker(q, k, grid=grid, block_q=block_q, block_k=block_k, **opts)
+    for q, k, plan in _plans(variant, density, captured, grid, block_q, block_k, states):
         idx = torch.linspace(0, q.shape[2] - 1, min(rows, q.shape[2])).long()
         p = torch.softmax(q[:, :, idx] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
         tm = plan.token_mask(idx)
@@ -247,8 +262,11 @@ def compare(model, variants: Sequence[Variant], sparsities: Sequence[float], set
     v_dense, _ = predictions(model, items, None, batch_size=settings.batch_size, amp=amp)
     target = (items.noise - items.x0).float().cpu()
     dense_loss = float((v_dense - target).pow(2).mean())
-    cap_items = slice(0, settings.capture_clips)
-    captured = capture_qk(model, items.x_t[cap_items], items.t[cap_items], items.emb[cap_items])
+    # captured items spread over the times (items are time-major), different clips
+    n_cap = min(settings.capture_clips, settings.num_t * settings.clips)
+    times = torch.linspace(0, settings.num_t - 1, n_cap).round().long()
+    cap = (times * settings.clips + torch.arange(n_cap) % settings.clips).to(items.t.device)
+    captured = capture_qk(model, items.x_t[cap], items.t[cap], items.emb[cap])
     samples = _Samples(model, settings, device) if settings.samples else None
     rows = []
     bar = tqdm(total=len(variants) * len(sparsities), desc="compare", unit="point", disable=not progress)
@@ -269,10 +287,11 @@ def compare(model, variants: Sequence[Variant], sparsities: Sequence[float], set
 
 def _point(model, variant, goal, captured, grid, items, v_dense, target, samples, settings, *, amp) -> dict:
     t0 = time.perf_counter()
-    density, planned = calibrate(variant, goal, captured, grid, block_q=128, block_k=64)
+    states = layer_states(variant.masker, len(captured))  # warm starts carry over, as in a pipeline
+    density, planned = calibrate(variant, goal, captured, grid, block_q=128, block_k=64, states=states)
     cfg = variant.config(density, backend="auto")
     v, summary = predictions(model, items, cfg, batch_size=settings.batch_size, amp=amp)
-    mass, bound = kept_mass(variant, density, captured, grid, block_q=128, block_k=64)
+    mass, bound = kept_mass(variant, density, captured, grid, block_q=128, block_k=64, states=states)
     row = {
         "label": variant.label, "method": variant.method, "target": goal, "config": cfg.to_dict(),
         "density_option": variant.masker.density_option, "density_value": density,
