@@ -348,12 +348,16 @@ def test_command_line(tmp_path, capsys):
             "--num-layers", "1", "--no-export", "--no-progress", "--log-every", "1"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 2
-    assert main(["--out", str(tmp_path / "x"), "--steps", "0"]) == 2
+    for bad in (["--steps", "0"], ["--guidance-interval", "0.5", "2"], ["--lr", "nan"], ["--ema-decay", "1"],
+                ["--seed", "-1"], ["--guidance-interval", "0.7", "0.1"]):
+        with pytest.raises(SystemExit) as exc:  # argparse errors naming the flag, before any work
+            main(["--out", str(tmp_path / "x"), *bad])
+        assert exc.value.code == 2 and not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="timesteps"):
         TrainConfig(out="x", timesteps="cosine")
     with pytest.raises(ValueError, match="guidance_interval"):
         TrainConfig(out="x", guidance_interval=(0.7, 0.1))
-    assert main(["--out", str(tmp_path / "y"), "--guidance-interval", "0.5", "2"]) == 2
+
 
 
 def test_auto_steps_fill_the_time_limit(tmp_path, monkeypatch):

@@ -57,7 +57,8 @@ from ..training.loop import LoopConfig, StepInfo, list_checkpoints, prepare_out,
 from ..training.optim import make_optimizer, make_scheduler
 from ..training.planner import StepPlanner
 from ..training.plots import read_jsonl, save_loss_curve
-from ..utils import device_name, hash_seed, jsonable, resolve_device
+from ..cli_options import float_in, int_at_least
+from ..utils import device_name, fmt, hash_seed, jsonable, resolve_device
 from .data import ShapesConfig, make_batch
 from .flow import check_sampler_settings, describe_sampler
 
@@ -481,10 +482,6 @@ def _export(cfg: TrainConfig, ema_model, device, val_batch, amp, summary, out: P
     return result
 
 
-def _fmt(x: Any, spec: str = ".4f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def _model_card(cfg: TrainConfig, model, s: dict[str, Any], nbytes: int, diffusers_version: str) -> str:
     mc = dict(model.config)
     d = cfg.data
@@ -561,18 +558,18 @@ Training used clips 0..{s['clips_seen'] - 1} of the "train" split; validation us
 | condition dropout | {cfg.cond_dropout} (for classifier-free guidance) |
 | precision | {s['precision']}{', torch.compile' if cfg.compile else ''} |
 | device | {s['device']} |
-| wall time | {s['wall_time_s'] / 60:.1f} min (mean {_fmt(s['mean_clips_per_s'], '.0f')} clips/s) |
+| wall time | {s['wall_time_s'] / 60:.1f} min (mean {fmt(s['mean_clips_per_s'], '.0f', 'n/a')} clips/s) |
 | command | `{cfg.command or 'vidsparse.tiny.pretrain.train(...)'}` |
 
 ## Results
 
 | | |
 |---|---|
-| final training loss (mean of the last 10% of log intervals) | {_fmt(s['final_train_loss'])} |
-| validation loss, raw weights | {_fmt(s['val_loss'])} |
-| validation loss, EMA weights | {_fmt(s['val_loss_ema'])} |
-| validation loss, exported fp16 weights | {_fmt(s.get('val_loss_exported'))} |
-| shape accuracy of samples (chance 0.25; `vidsparse eval --shape-samples`) | {_fmt(s.get('shape_accuracy'))} on {s.get('shape_samples', 0)} single-object conditions{f" ({per_shape_text(s['shape_per_shape'], 'n/a')})" if s.get('shape_per_shape') else ""} |
+| final training loss (mean of the last 10% of log intervals) | {fmt(s['final_train_loss'], '.4f', 'n/a')} |
+| validation loss, raw weights | {fmt(s['val_loss'], '.4f', 'n/a')} |
+| validation loss, EMA weights | {fmt(s['val_loss_ema'], '.4f', 'n/a')} |
+| validation loss, exported fp16 weights | {fmt(s.get('val_loss_exported'), '.4f', 'n/a')} |
+| shape accuracy of samples (chance 0.25; `vidsparse eval --shape-samples`) | {fmt(s.get('shape_accuracy'), '.4f', 'n/a')} on {s.get('shape_samples', 0)} single-object conditions{f" ({per_shape_text(s['shape_per_shape'], 'n/a')})" if s.get('shape_per_shape') else ""} |
 
 The validation loss uses {cfg.eval_clips} "val" clips with fixed noise and t spread evenly over (0, 1).
 
@@ -593,13 +590,18 @@ fits this toy distribution; they say nothing about natural video.
 # Command line
 
 
+_POSITIVE = float_in(0, low_open=True)
+
+
 def _steps_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+    return text if text == "auto" else int_at_least(1)(text)
+
+
+def _seed(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -614,46 +616,47 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=_steps_arg, default=d.steps,
         help="total optimizer steps (the LR schedule spans them), or 'auto' to fill --time-limit-min",
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size)
+    p.add_argument("--lr", type=_POSITIVE, default=d.lr, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio)
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float_in(0), default=d.grad_clip, help="0 disables clipping")
+    p.add_argument("--ema-decay", type=float_in(0, 1, high_open=True), default=d.ema_decay)
+    p.add_argument("--cond-dropout", type=float_in(0, 1, high_open=True), default=d.cond_dropout)
     p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
-    p.add_argument("--t-shift", type=float, default=d.t_shift, help="warp training (and sample) times towards noise")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--t-shift", type=_POSITIVE, default=d.t_shift, help="warp training (and sample) times towards noise")
+    p.add_argument("--seed", type=_seed, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=_PRECISIONS, default=d.precision)
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--time-limit-min", type=float, default=None, help="checkpoint and export before this wall time")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step without finishing the schedule")
+    p.add_argument("--ckpt-every", type=int_at_least(1), default=d.ckpt_every)
+    p.add_argument("--log-every", type=int_at_least(1), default=d.log_every)
+    p.add_argument("--eval-every", type=int_at_least(1), default=d.eval_every)
+    p.add_argument("--time-limit-min", type=_POSITIVE, default=None, help="checkpoint and export before this wall time")
+    p.add_argument("--stop-at", type=int_at_least(1), default=None, help="stop after this step without finishing the schedule")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from the latest checkpoint in --out, or from the given file")
     p.add_argument("--init-from", default=None, help="start from this saved model directory (fresh optimizer and schedule)")
     p.add_argument("--no-export", action="store_true", help="skip the fp16 export, samples and model card")
-    p.add_argument("--num-samples", type=int, default=d.num_samples)
-    p.add_argument("--shape-samples", type=int, default=d.shape_samples,
+    p.add_argument("--num-samples", type=int_at_least(0), default=d.num_samples)
+    p.add_argument("--shape-samples", type=int_at_least(0), default=d.shape_samples,
                    help="single-object samples judged by the shape classifier at export (0 = skip)")
-    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
-    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=d.guidance_interval, metavar=("T_LO", "T_HI"),
+    p.add_argument("--sample-steps", type=int_at_least(1), default=d.sample_steps)
+    p.add_argument("--guidance-scale", type=float_in(0), default=d.guidance_scale)
+    p.add_argument("--guidance-interval", type=float_in(0, 1), nargs=2, default=d.guidance_interval, metavar=("T_LO", "T_HI"),
                    help="guide only sampling steps with t in [T_LO, T_HI]")
     p.add_argument("--no-progress", action="store_true")
     small = p.add_argument_group("reduced sizes (smoke tests)")
-    small.add_argument("--frames", type=int, default=d.data.frames)
-    small.add_argument("--size", type=int, default=d.data.size)
-    small.add_argument("--num-layers", type=int, default=None)
+    small.add_argument("--frames", type=int_at_least(1), default=d.data.frames)
+    small.add_argument("--size", type=int_at_least(1), default=d.data.size)
+    small.add_argument("--num-layers", type=int_at_least(1), default=None)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     overrides = {} if args.num_layers is None else {"num_layers": args.num_layers}
     cmd = "python -m vidsparse.tiny.pretrain " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -693,8 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=cmd,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        parser.error(str(e))  # exit code 2, before any work
     try:
         summary = train(cfg)
     except KeyboardInterrupt as e:
