@@ -120,7 +120,7 @@ def test_samples_against_dense_reference():
 
 
 def test_shape_accuracy_of_samples():
-    from vidsparse.tiny.evaluate import _single_object_inputs
+    from vidsparse.tiny.evaluate import single_object_inputs
     from vidsparse.tiny.classifier import single_object
 
     model = _mini_model()
@@ -133,7 +133,7 @@ def test_shape_accuracy_of_samples():
     assert known and all(0.0 <= a <= 1.0 for a in known)
     none = evaluate_variant(model, None, **kw)
     assert none["shape_accuracy"] is None and none["shape_per_shape"] is None and none["shape_confusion"] is None
-    cond, emb, noise = _single_object_inputs(3, split="val", seed=0, data=DATA, device="cpu")
+    cond, emb, noise = single_object_inputs(3, split="val", seed=0, data=DATA, device="cpu")
     assert bool(single_object(cond).all()) and emb.shape[0] == noise.shape[0] == 3
     with pytest.raises(ValueError, match="shape_samples"):
         evaluate_variant(model, None, shape_samples=-1, **kw)
@@ -177,10 +177,11 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert "for t in [0.2, 0.9], eta 0.5" in text
     rows = {r["setting"]: r for r in payload["results"]}
     assert list(rows) == ["dense", "k25", "p50"]  # --setting replaces the default hybrid
-    assert [rows[n]["method"] for n in rows] == ["dense", "topk", "topp"]
+    assert [rows[n]["method"] for n in rows] == ["dense", "hybrid", "hybrid"]
     dense, k25 = rows["dense"], rows["k25"]
     assert dense["psnr"] == "inf" and dense["sparsity"] is None and dense["delta_vs_dense_pct"] == 0.0
-    assert k25["topk"] == 0.25 and k25["topp"] is None and k25["sparsity"] == pytest.approx(0.75)
+    opts = k25["sparse_config"]["options"]
+    assert opts["topk"] == 0.25 and opts["topp"] is None and k25["sparsity"] == pytest.approx(0.75)
     assert k25["delta_vs_dense_pct"] == pytest.approx(100 * (k25["val_loss"] / dense["val_loss"] - 1))
     assert isinstance(k25["psnr"], float) and set(k25["per_t"]) == {"0.25", "0.75"}
     # the same run again gives the same numbers
@@ -202,92 +203,98 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert math.isfinite(payload["results"][0]["psnr"])  # dense student vs dense reference: different models
 
 
+def _opts(cfg):
+    return None if cfg is None else (cfg.resolved_options()["topk"], cfg.resolved_options()["topp"])
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([], [("dense", None, None), ("hybrid", 0.03, 0.1)]),
-        (["--topk", "0.05"], [("dense", None, None), ("hybrid", 0.05, 0.1)]),
-        (["--topp", "none"], [("dense", None, None), ("topk", 0.03, None)]),
-        (["--topk", "none", "--topp", "0.3"], [("dense", None, None), ("topp", None, 0.3)]),
-        (["--setting", "a:topk=0.05,topp=0.2,block_q=64", "--topk", "0.1"],
-         [("dense", None, None), ("hybrid", 0.1, 0.1), ("a", 0.05, 0.2)]),
+        ([], [("dense", None), ("hybrid", (0.03, 0.1))]),
+        (["--topk", "0.05"], [("dense", None), ("hybrid", (0.05, 0.1))]),
+        (["--topp", "none"], [("dense", None), ("topk", (0.03, None))]),
+        (["--topk", "none", "--topp", "0.3"], [("dense", None), ("topp", (None, 0.3))]),
+        # a setting's own options not given take SparseConfig's defaults (topp 0.2)
+        (["--setting", "a:topk=0.05,block_q=64", "--topk", "0.1"],
+         [("dense", None), ("hybrid", (0.1, 0.1)), ("a", (0.05, 0.2))]),
     ],
 )
 def test_cli_settings(args, expected):
-    from vidsparse.tiny.evaluate import _parser, _settings
+    from vidsparse.tiny.eval_cli import _parser, _settings
+    from vidsparse.tiny.model import default_weights_dir
 
     parser = _parser()
-    settings = _settings(parser.parse_args(args), parser)
-    assert [(s.name, s.topk, s.topp) for s in settings] == expected
-    assert [s.block_q for s in settings][-1] == (64 if "--setting" in args else 128)
+    settings = _settings(parser.parse_args(args), parser, default_weights_dir())
+    assert [(name, _opts(cfg)) for name, cfg in settings] == expected
+    assert settings[-1][1].block_q == (64 if "--setting" in args else 128)
+
+
+def test_cli_setting_takes_any_masker_option_and_config_field():
+    from vidsparse.tiny.eval_cli import _parser, _settings
+    from vidsparse.tiny.model import default_weights_dir
+
+    parser = _parser()
+    args = parser.parse_args(["--block-k", "32", "--setting", "tiled:topk=0.05,topp=none,token_order=tiled,tile=1x2x4",
+                              "--setting", "s:method=svg,budget=0.1,dense-steps=2,keep_sink=yes"])
+    (_, tiled), (_, svg) = _settings(args, parser, default_weights_dir())[1:]
+    assert tiled == SparseConfig(topk=0.05, topp=None, token_order="tiled", tile=(1, 2, 4), block_k=32)
+    assert svg == SparseConfig(method="svg", budget=0.1, dense_steps=2, keep_sink=True, block_k=32)
 
 
 def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
-    # a distilled student carries the mask it was trained for; flags still win
-    from vidsparse.tiny.evaluate import _parser, _settings
+    # a distilled student carries the mask it was trained for (SparseConfig.save); flags still win
+    from vidsparse.tiny.eval_cli import _parser, _settings
 
-    (tmp_path / "sparse_config.json").write_text('{"topk": 0.03125, "topp": 0.083, "block_q": 64, "block_k": 32}')
+    saved = SparseConfig(topk=0.03125, topp=0.083, block_q=64, block_k=32, keep_diagonal=True, token_order="tiled")
+    saved.save(tmp_path)
     parser = _parser()
-    settings = _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
-    assert [(s.name, s.topk, s.topp, s.block_q, s.block_k) for s in settings][-1] == ("hybrid", 0.03125, 0.083, 64, 32)
-    args = parser.parse_args(["--model", str(tmp_path), "--topp", "0.2", "--block-k", "64"])
-    settings = _settings(args, parser)
-    assert [(s.topk, s.topp, s.block_q, s.block_k) for s in settings][-1] == (0.03125, 0.2, 64, 64)
-    assert args.token_order == "raster" and settings[-1].config("reference", args.token_order).token_order == "raster"
-    (tmp_path / "sparse_config.json").write_text('{"topk": 0.05, "topp": null, "token_order": "tiled"}')
-    args = parser.parse_args(["--model", str(tmp_path)])
-    assert _settings(args, parser)[-1].config("reference", args.token_order).token_order == "tiled"
-    args = parser.parse_args(["--model", str(tmp_path), "--token-order", "raster"])
-    assert _settings(args, parser)[-1].config("reference", args.token_order).token_order == "raster"
-    (tmp_path / "sparse_config.json").write_text("[1, 2]")
-    with pytest.raises(SystemExit):
-        _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
+    settings = _settings(parser.parse_args(["--model", str(tmp_path)]), parser, tmp_path)
+    assert settings[-1] == ("hybrid+diagonal", saved)
+    args = parser.parse_args(["--model", str(tmp_path), "--topp", "0.2", "--block-k", "64", "--token-order", "raster"])
+    assert _settings(args, parser, tmp_path)[-1][1] == saved.replace(topp=0.2, block_k=64, token_order="raster")
+    # the shipped student's file is in the same format
+    from vidsparse.tiny.demo import distilled_dir
 
-
-def test_cli_priors_from_a_setting_and_from_a_students_sparse_config(tmp_path):
-    # keep_diagonal / keep_sink reach the SparseConfig, from --setting keys and from sparse_config.json
-    from vidsparse.tiny.evaluate import _parser, _settings
-
-    parser = _parser()
-    args = parser.parse_args(["--setting", "d:topk=0.05,keep-diagonal=true,keep_sink=0", "--setting", "s:topp=0.3,keep_sink=yes"])
-    cfgs = [s.config("reference") for s in _settings(args, parser)[1:]]
-    assert [(c.keep_diagonal, c.keep_sink) for c in cfgs] == [(True, False), (False, True)]
-    (tmp_path / "sparse_config.json").write_text('{"topk": 0.05, "topp": 0.1, "keep_diagonal": true, "keep_sink": false}')
-    setting = _settings(parser.parse_args(["--model", str(tmp_path)]), parser)[-1]
-    assert setting.name == "hybrid+diagonal"
-    cfg = setting.config("reference")
-    assert (cfg.keep_diagonal, cfg.keep_sink, float(cfg.topk)) == (True, False, 0.05)
-    (tmp_path / "sparse_config.json").write_text('{"topk": 0.05, "keep_diagonal": "false"}')
-    with pytest.raises(SystemExit):  # not a JSON bool: refused, not read as True
-        _settings(parser.parse_args(["--model", str(tmp_path)]), parser)
+    shipped = _settings(parser.parse_args([]), parser, distilled_dir())[-1][1]
+    assert shipped == SparseConfig.load(distilled_dir()) and shipped.block_q == 32
+    for bad in ("[1, 2]", '{"topk": 0.05}', '{"method": "hybrid", "options": {"keep_diagonal": "false"}}'):
+        (tmp_path / "sparse_config.json").write_text(bad)
+        with pytest.raises(SystemExit):
+            _settings(parser.parse_args(["--model", str(tmp_path)]), parser, tmp_path)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--setting", "x:topk=0.1,top=0.2"], "unknown setting key 'top'"),
+        (["--setting", "x:topk=0.1,top=0.2"], "unknown key(s) ['top']"),
         (["--setting", "x:topk=1.5"], "must lie in (0, 1]"),
-        (["--setting", "x:topk=abc"], "expected a number"),
+        (["--setting", "x:topk=abc"], "topk: expected a number"),
         (["--setting", "x:topk=0.1,keep_diagonal=maybe"], "keep_diagonal: expected true or false"),
-        (["--setting", "justaname"], "expected NAME:topk=X,topp=Y"),
-        (["--setting", "x:topk=none,topp=none"], "give topk and/or topp"),
+        (["--setting", "x:method=nope"], "unknown masker 'nope'"),
+        (["--setting", "justaname"], "expected NAME:key=value"),
         (["--setting", "x:topk=0.1", "--setting", "x:topp=0.2"], "duplicate setting name"),
         (["--topk", "0"], "--topk: must lie in (0, 1]"),
+        (["--topk", "none", "--topp", "none"], "leaves no rule"),
         (["--block-q", "100"], "--block-q"),
-        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no diffusers model"),
-        (["--clips", "0"], "--clips must be >= 1"),
-        (["--shape-samples", "-2"], "--shape-samples must be >= 0"),
-        (["--backend", "cuda"], "--backend must be auto or one of"),
-        (["--device", "gpu0"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such folder"),
+        (["--clips", "0"], "--clips: must be >= 1"),
+        (["--shape-samples", "-2"], "--shape-samples: must be >= 0"),
+        (["--backend", "cuda"], "SparseConfig.backend must be 'auto' or one of"),
+        (["--device", "gpu0"], "--device: device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         (["--eta", "-1"], "--eta (default: the model's sampling.json): eta must be in [0, 1]"),
         (["--guidance-interval", "0.9", "0.1"], "guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1"),
     ],
 )
-def test_cli_bad_arguments(args, message, capsys):
+def test_cli_bad_arguments(args, message, capsys, monkeypatch):
+    monkeypatch.setattr("vidsparse.tiny.model.load_tiny_wan", _no_load)
     with pytest.raises(SystemExit) as exc:
         cli_main(["eval", "--device", "cpu", *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("a model was loaded before the arguments were checked")
 
 
 def test_api_rejects_bad_inputs():
