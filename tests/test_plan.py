@@ -64,7 +64,9 @@ def _all_maskers():
 @pytest.mark.parametrize("backend", ["gather", "reference"])
 def test_every_masker_plan_equals_attention_under_its_token_mask(name, backend):
     q, k, v = (t.requires_grad_() for t in _qkv())
-    plan = maskers.get(name)(q, k, grid=GRID, block_q=BQ, block_k=BK)
+    # the integration hands maskers (B, H, N, D) views of (B, N, H, D) tensors: not contiguous
+    bnhd = lambda t: t.detach().transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    plan = maskers.get(name)(bnhd(q), bnhd(k), grid=GRID, block_q=BQ, block_k=BK)
     assert isinstance(plan, MaskPlan) and 0.0 <= plan.sparsity() < 1.0
     tm = plan.token_mask()
     assert tm.shape[2:] == (N, N) and tm.shape[0] in (1, 2) and tm.shape[1] in (1, 2) and tm.dtype == torch.bool

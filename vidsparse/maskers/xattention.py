@@ -53,8 +53,8 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.
     b, h, lq, d = q.shape
     lk = k.shape[2]
     rq, rk = -(-lq // stride), -(-lk // stride)
-    qs = _pad_to(q, rq * stride).view(b, h, rq, stride, d).flip(3).reshape(b, h, rq, stride * d)
-    ks = _pad_to(k, rk * stride).view(b, h, rk, stride * d)
+    qs = _pad_to(q, rq * stride).reshape(b, h, rq, stride, d).flip(3).reshape(b, h, rq, stride * d)
+    ks = _pad_to(k, rk * stride).reshape(b, h, rk, stride * d)  # any strides (a BNHD view too)
     return qs @ ks.transpose(-1, -2)
 
 
