@@ -31,7 +31,7 @@ Usage:
     python benchmarks/bench_wan_step.py --config 14b --layers 8 --out wan14b_8l.json
     python benchmarks/bench_wan_step.py --compile --out wan13b_compiled.json        # + compiled steps
     python benchmarks/bench_wan_step.py --compile --compile-mode max-autotune-no-cudagraphs --out wan13b_mat.json
-    python benchmarks/bench_wan_step.py --config 14b --compile --sparsity 0.95 --out wan14b_compiled.json  # all 40 layers
+    python benchmarks/bench_wan_step.py --config 14b --compile --sparsity 0.95 --out wan14b.json  # all 40 layers
     python benchmarks/bench_wan_step.py --smoke --out smoke.json      # tiny model on CPU (tests)
 """
 
