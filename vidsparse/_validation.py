@@ -87,7 +87,10 @@ def check_fraction(name: str, value, heads: int | None = None, *, allow_none: bo
                 raise ValueError(f"{name} as a tensor must have shape (H,) = ({heads},), got {tuple(value.shape)}")
             if not torch.is_floating_point(value):
                 raise TypeError(f"{name} tensor must be floating, got {value.dtype}")
-            if bool(((value <= 0) | (value > 1) | value.isnan()).any()):
+            # reading the values on the host is a graph break inside torch.compile, once per
+            # masker call; there the check is skipped (the settings were checked eagerly when the
+            # SparseConfig was built, and eager calls still check every time)
+            if not torch.compiler.is_compiling() and bool(((value <= 0) | (value > 1) | value.isnan()).any()):
                 raise ValueError(f"{name} values must lie in (0, 1], got {value.tolist()}")
             return value.float()
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -34,20 +34,39 @@ class NoBackendError(NotImplementedError):
     """No attention backend accepts the inputs; the message lists each one's reasons."""
 
 
-_LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}
+_DEFAULT_PATHS = dict(BACKENDS)
+_FAILED: dict[str, str] = {}  # path -> why it cannot be imported (checked once)
+
+
+def _import(name: str) -> ModuleType:
+    # import statements, not importlib.import_module: torch.compile traces an import statement,
+    # a backend's first import included, but breaks the graph at import_module; so a compiled
+    # model whose first call is compiled has no break either (nor a cache entry that a guard
+    # would see change after that call)
+    if name == "triton":
+        from .kernels import triton_attention as module
+    elif name == "flex":
+        from .kernels import flex as module
+    elif name == "gather":
+        from .kernels import gather as module
+    else:
+        from .kernels import reference as module
+    return module
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
-    """The backend module (imported once; a plain dict lookup after that, which torch.compile
-    traces without a graph break), or None and why it cannot be imported."""
+    """The backend module, or None and why it cannot be imported (remembered: no retry per call)."""
     path = BACKENDS[name]
-    if path not in _LOADED:
-        try:
-            _LOADED[path] = importlib.import_module(path), None
-        except ImportError as exc:  # e.g. triton not installed
-            hint = "; pip install 'vidsparse[triton]'" if name == "triton" else ""
-            _LOADED[path] = None, f"cannot be imported ({exc}){hint}"
-    return _LOADED[path]
+    if path in _FAILED:
+        return None, _FAILED[path]
+    try:
+        if path != _DEFAULT_PATHS.get(name):  # a BACKENDS entry pointed elsewhere
+            return importlib.import_module(path), None
+        return _import(name), None
+    except ImportError as exc:  # e.g. triton not installed
+        hint = "; pip install 'vidsparse[triton]'" if name == "triton" else ""
+        _FAILED[path] = f"cannot be imported ({exc}){hint}"
+        return None, _FAILED[path]
 
 
 def _describe_inputs(q, needs_grad: bool) -> str:

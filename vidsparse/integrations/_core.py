@@ -154,6 +154,11 @@ class SparseLayer:
         """The options with per-head tensors moved to ``device`` (once per device)."""
         key = str(device)
         if key not in self._options:
+            cpu = self._options["cpu"]
+            if not any(isinstance(v, torch.Tensor) for v in cpu.values()):
+                # nothing to move, and no new cache entry: a compiled first call that added one
+                # would fail its own guard on this dict at the next call (one recompilation)
+                return cpu
             mv = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
             self._options[key] = {k: mv(v) for k, v in self._options["cpu"].items()}
         return self._options[key]
