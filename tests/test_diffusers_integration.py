@@ -401,7 +401,7 @@ def test_patch_errors(cases):
         (dict(dense_layers=[-1]), "SparseConfig.dense_layers"),
         (dict(dense_layers=3), "SparseConfig.dense_layers"),
         (dict(token_order="zigzag"), "SparseConfig.options: .*'token_order'"),
-        (dict(tile=(2, 8, 8)), "SparseConfig.options: .*'tile' only applies"),
+        (dict(token_order="raster", tile=(2, 8, 8)), "SparseConfig.options: .*'tile' only applies"),
         (dict(token_order="tiled", tile=(2, 0, 8)), "SparseConfig.options: .*'tile'"),
         (dict(backend="cuda"), "SparseConfig.backend"),
         (dict(collect_stats=None), "SparseConfig.collect_stats"),

@@ -235,3 +235,12 @@ def test_every_masker_bf16_triton_on_gpu(name):
     for got, want in zip(grads, torch.autograd.grad(ref, (qf, kf, vf), go)):
         rel = (got.float() - want).norm() / want.norm().clamp_min(1e-6)
         assert rel < 1e-2, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_hybrid_defaults_to_tiles_when_the_grid_is_known():
+    q, k, _ = _qkv(b=1, seed=12)
+    hybrid = maskers.get("hybrid")
+    with_grid = hybrid(q, k, grid=GRID, block_q=BQ, block_k=BK)
+    assert torch.equal(with_grid.perm[0, 0], tiled_order(GRID, (2, 4, 4)))
+    assert hybrid(q, k, block_q=BQ, block_k=BK).perm is None  # no grid: the model's order
+    assert hybrid(q, k, grid=GRID, block_q=BQ, block_k=BK, token_order="raster").perm is None

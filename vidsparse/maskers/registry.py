@@ -6,9 +6,10 @@ class does what every method needs, once:
 
 * checks q, k, the grid and the options (unknown options and bad values raise ``ValueError``
   naming the method and the option);
-* the ``token_order`` option: ``"raster"`` (the model's order) or ``"tiled"`` (compact 3-D tiles of
-  the grid, ``tile`` to choose the shape): the method sees the permuted tokens and its plan is
-  composed with the order's permutation;
+* the ``token_order`` option: ``"raster"`` (the model's order), ``"tiled"`` (compact 3-D tiles of
+  the grid, ``tile`` to choose the shape) or ``"auto"`` (tiled when the grid is known, raster
+  otherwise): the method sees the permuted tokens and its plan is composed with the order's
+  permutation. Each method sets its own default (``Masker.default_token_order``);
 * the priors, for any method: ``keep_sink`` (the key block holding the first token),
   ``keep_diagonal`` (the key blocks holding each query block's own tokens) and ``window``
   ((t, h, w) radii: keys within that distance in the grid of the query block's bounding box).
@@ -47,6 +48,7 @@ class Masker:
         defaults: the method's own options and their default values.
         needs_grid: the method cannot run without the latent grid (T, H, W).
         native_priors: common options :meth:`build` applies itself (faster than the generic path).
+        default_token_order: the ``token_order`` used when the option is not given.
         density_option: the option that sets how much is kept (larger keeps more), with
             ``density_bounds`` its range and ``density_fixed`` the other options that make it the
             only control; used to reach a target sparsity (``vidsparse compare``). None: static.
@@ -56,6 +58,7 @@ class Masker:
     defaults: dict[str, Any] = {}
     needs_grid: bool = False
     native_priors: tuple[str, ...] = ()
+    default_token_order: str = "raster"
     density_option: str | None = None
     density_bounds: tuple[float, float] = (0.0, 1.0)
     density_fixed: dict[str, Any] = {}
@@ -85,7 +88,7 @@ class Masker:
 
     def grid_needed(self, options: dict[str, Any]) -> bool:
         """Whether a call with these options needs the latent grid."""
-        return (self.needs_grid or options.get("token_order", "raster") != "raster"
+        return (self.needs_grid or options.get("token_order", self.default_token_order) == "tiled"
                 or options.get("window") is not None)
 
     def check_options(self, options: dict[str, Any], heads: int | None = None) -> dict[str, Any]:
@@ -94,7 +97,7 @@ class Masker:
         if unknown:
             raise ValueError(f"masker {self.name!r}: unknown option {unknown[0]!r}; it takes "
                              f"{', '.join(self.option_names)}")
-        common = {k: options.get(k, v) for k, v in COMMON_OPTIONS.items()}
+        common = {k: options.get(k, v) for k, v in {**COMMON_OPTIONS, "token_order": self.default_token_order}.items()}
         _check_common(self.name, common)
         own = self.validate({k: options.get(k, v) for k, v in self.defaults.items()}, heads)
         return {**own, **common}
@@ -107,6 +110,8 @@ class Masker:
         check_block_size("block_k", block_k)
         opts = self.check_options(options, q.shape[1])
         order, tile = opts.pop("token_order"), opts.pop("tile")
+        if order == "auto":
+            order = "tiled" if grid is not None else "raster"
         priors = {name: opts.pop(name) for name in ("keep_sink", "keep_diagonal", "window")}
         needs = self.grid_needed({"token_order": order, **priors})
         if grid is not None:
@@ -160,8 +165,8 @@ def _check_common(name: str, o: dict) -> None:
                 or any(isinstance(x, bool) or not isinstance(x, int) or x < low for x in v)):
             raise ValueError(f"masker {name!r}: option {opt!r} must be three ints >= {low} (t, h, w), got {v!r}")
         o[opt] = tuple(v)
-    if o["tile"] is not None and o["token_order"] != "tiled":
-        raise ValueError(f"masker {name!r}: option 'tile' only applies to token_order='tiled'")
+    if o["tile"] is not None and o["token_order"] == "raster":
+        raise ValueError(f"masker {name!r}: option 'tile' only applies to token_order='tiled' (or 'auto')")
 
 
 def _compose(plan: MaskPlan, base: torch.Tensor | None) -> MaskPlan:

@@ -91,7 +91,7 @@ def tiled_order(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> torch
     return torch.argsort(key.flatten())
 
 
-TOKEN_ORDERS = ("raster", "tiled")
+TOKEN_ORDERS = ("raster", "tiled", "auto")
 
 
 def check_grid(grid, n_tokens: int, *, who: str) -> tuple[int, int, int]:
