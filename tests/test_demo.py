@@ -58,12 +58,11 @@ def test_default_cpu_run_writes_every_file(default_run, capsys):
     assert tuple(on_disk["guidance_interval"]) == sampling["guidance_interval"] and on_disk["eta"] == sampling["eta"]
     assert on_disk["tokens"] == 4 * 8 * 8 and on_disk["device"] == "cpu"
     assert on_disk["captions"] == describe(sample_conditions(1, seed=0, split="val"))
-    # 256 tokens = 2 query x 4 key blocks; topk=0.03 keeps 1 key block per row (at least one) and
-    # top-p may add more: sparsity in [0, 0.75], here above 0
-    assert 0.0 < on_disk["sparsity"] <= 0.75
-    assert on_disk["sparse_config"]["options"]["topk"] == demo.DEMO_TOPK == 0.03
-    assert on_disk["sparse_config"]["options"]["topp"] == demo.DEMO_TOPP == 0.1
-    assert "SparseConfig's default 0.2" in on_disk["sparse_config_why"]  # the demo says why it differs
+    # 256 tokens = 2 query x 4 key blocks: the svg default keeps its heads' own frame(s) / positions
+    assert 0.0 <= on_disk["sparsity"] < 1.0
+    assert on_disk["sparse_config"]["method"] == demo.DEMO_CONFIG["method"] == "svg"
+    assert on_disk["sparse_config"]["options"]["budget"] == demo.DEMO_CONFIG["budget"]
+    assert "not SparseConfig's default" in on_disk["sparse_config_why"]  # the demo says why it differs
     assert set(on_disk["sparsity_per_layer"]) == {"0", "1", "2", "3", "4"}
     # sparse attention on a toy-sized clip does change the frames, but not into noise
     psnr = on_disk["psnr_db"][0]
@@ -250,8 +249,10 @@ def test_sparse_side_settings_from_the_student_and_the_flags(tmp_path):
     cfg, why = demo._sparse_config(parser.parse_args(["--token-order", other, "--topp", "0.3"]), parser, shipped)
     assert cfg == saved.replace(token_order=other, topp=0.3, collect_stats=True) and why == "the flags"
     cfg, why = demo._sparse_config(parser.parse_args([]), parser, None)
-    assert cfg == SparseConfig(topk=demo.DEMO_TOPK, topp=demo.DEMO_TOPP, collect_stats=True)
-    assert "0.2" in why and "95%" in why
+    assert cfg == SparseConfig("svg", {"budget": demo.DEMO_CONFIG["budget"]}, collect_stats=True)
+    assert "80%" in why and "compare" in why
+    cfg, _ = demo._sparse_config(parser.parse_args(["--topk", "0.05"]), parser, None)  # hybrid from here
+    assert cfg == SparseConfig(topk=0.05, topp=demo.DEMO_TOPP, collect_stats=True)
     cfg, _ = demo._sparse_config(parser.parse_args(["--keep-sink"]), parser, None)
     assert cfg.resolved_options()["keep_sink"] is True
     (tmp_path / "sparse_config.json").write_text("not json")
