@@ -65,33 +65,36 @@ def draw(path: Path) -> None:
     ax.text(0.4, 5.22, "vidsparse: the core (imports torch; diffusers and Triton only when used)", ha="left",
             va="top", fontsize=11.5, weight="bold")
     rows = [
-        [("mask.py", "BlockMask: block shape,\ndense view, index tables"),
-         ("plan.py", "MaskPlan, as_plan,\nappend_dense_tokens"),
-         ("maskers/", "registry.py: register, get,\navailable, Masker base;\nhybrid.py + hybrid_triton.py;\ntoken_order.py; one file\nper method")],
-        [("kernels/ + dispatch.py", "triton_attention, gather,\nflex, reference;\nselect_backend explains\nrefusals"),
-         ("api.py", "block_sparse_attention,\nsparse_attention"),
-         ("config.py", "SparseConfig: method,\noptions, layer_options,\nblocks, dense_steps ...\nsave / load")],
-        [("integrations/", "patch / unpatch / stats:\none SparseLayer per layer\n(its masker state),\nstep tracking, text tokens"),
-         ("training/", "velocity distillation,\nthe training loop\n(resume, DDP, LoRA)"),
-         ("cli.py, bench.py", "the vidsparse command:\ninfo, bench, distill;\ndemo and eval run\nvidsparse.tiny by name")],
+        [("mask.py + plan.py", "BlockMask: block shape,\ndense view, index tables;\nMaskPlan, as_plan,\nappend_dense_tokens"),
+         ("maskers/", "registry.py: register, get,\navailable, Masker base;\nhybrid (+ hybrid_triton), svg,\nsvg2, xattention, radial,\nvmoba; groups.py; token_order"),
+         ("kernels/ + dispatch.py", "triton_attention, gather,\nflex, reference;\nselect_backend explains\nrefusals")],
+        [("api.py + config.py", "block_sparse_attention,\nsparse_attention;\nSparseConfig: method, options,\nblocks, dense_steps ... save/load"),
+         ("integrations/", "patch / unpatch / stats:\none SparseLayer per layer\n(masker state, state['layer']),\nstep tracking, text tokens"),
+         ("cli.py, cli_options.py", "the vidsparse command;\nshared mask flags (--method,\n--option KEY=VALUE) ->\nSparseConfig; demo, eval,\ncompare run tiny by name")],
+        [("training/loop.py", "the one training loop:\nresume, checkpoints, DDP,\nnon-finite stop, SIGTERM\ncheckpoint, atomic saves"),
+         ("training/distill.py", "DistillConfig(sparse=...),\nDataSource: batch(index,\ncount, device), bind(model);\ndistill_cli.py: the CLI"),
+         ("training/lora.py, ...", "LoRA adapters, trainable\nparameters; ema, planner,\nflow, optim, plots;\nbench.py, utils.py")],
     ]
     bw, bh = 3.2, 1.4
     for r, row in enumerate(rows):
         for c, (title, body) in enumerate(row):
-            box(ax, 0.45 + c * 3.35, 3.42 - r * 1.5, bw, bh, title, body, CORE, title_size=10, body_size=8)
+            box(ax, 0.45 + c * 3.35, 3.42 - r * 1.5, bw, bh, title, body, CORE, title_size=10, body_size=7.8)
 
     # ----------------------------------------------------------------------- the tiny harness
     box(ax, 11.0, 0.3, 3.8, 5.0, "vidsparse.tiny (the harness)",
         "model.py   tiny Wan (5.9 M params)\n"
         "data.py    procedural shapes videos\n"
+        "source.py   ShapesSource (DataSource)\n"
         "flow.py    rectified flow, sampler\n"
         "classifier.py   shape accuracy\n"
-        "pretrain.py   pretraining\n"
+        "pretrain.py   pretraining (training loop)\n"
         "ablation.py   paper Table 6\n"
-        "demo.py   vidsparse demo\n"
-        "evaluate.py   vidsparse eval\n"
+        "demo.py (+ demo_*.py)   vidsparse demo\n"
+        "evaluate.py + eval_cli.py   vidsparse eval\n"
+        "compare.py   vidsparse compare\n"
+        "cli_args.py   shared flag checks\n"
         "assets/   weights, model cards",
-        TINY, title_size=11, body_size=9)
+        TINY, title_size=11, body_size=8.6)
     arrow(ax, (11.0, 2.2), (10.5, 2.2), "imports", text_dy=0.08)
     ax.text(10.75, 1.55, "core never\nimports tiny", ha="center", va="top", fontsize=8.5,
             color="#b00020", weight="bold")
