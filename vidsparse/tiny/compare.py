@@ -64,18 +64,20 @@ class Variant:
 
 
 def default_variants(methods: Sequence[str], n_tokens: int) -> list[Variant]:
-    """Each method with its defaults; "hybrid" also in tiled order (the strongest layout so far);
-    svg2's cluster counts scaled to ``n_tokens`` as its defaults are to Wan's 32,760 tokens (about
-    110 tokens per query cluster and 33 per key cluster)."""
+    """Each method with its defaults; "hybrid" in both the paper's frame-major order and tiles (its
+    default inside a model); svg2's cluster counts scaled to ``n_tokens`` as its defaults are to
+    Wan's 32,760 tokens (about 110 tokens per query cluster and 33 per key cluster)."""
     out = []
     for name in methods:
         maskers.get(name)  # clear error for an unknown name
+        if name == "hybrid":
+            out += [Variant("hybrid/raster", "hybrid", {"token_order": "raster"}),
+                    Variant("hybrid/tiled", "hybrid", {"token_order": "tiled"})]
+            continue
         options = {}
         if name == "svg2":
             options = {"q_clusters": max(8, round(n_tokens / 110)), "k_clusters": max(16, round(n_tokens / 33))}
         out.append(Variant(name, name, options))
-        if name == "hybrid":
-            out.append(Variant("hybrid/tiled", "hybrid", {"token_order": "tiled"}))
     return out
 
 
