@@ -200,8 +200,6 @@ def test_bench_bad_value(capsys):
     _fails_cleanly(["bench", "attention", "--sparsities", "abc"], "--sparsities", capsys, says="expected")
 
 
-@pytest.mark.xfail(strict=True, reason="vidsparse/bench.py (outside this change) does not check --out before "
-                                       "its work; it should call vidsparse.utils.check_output_file")
 def test_bench_bad_path(tmp_path, capsys):
     _fails_cleanly(["bench", "attention", "--out", str(tmp_path), "--sparsities", "0.5"], "--out", capsys)
 

@@ -221,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--block-q", args.block_q), ("--block-k", args.block_k)):
         if value < 16 or value & (value - 1):
             p.error(f"argument {flag}: must be a power of two >= 16, got {value}")
+    if args.out:
+        from .utils import check_output_file
+
+        try:
+            check_output_file(args.out, "--out")  # before minutes of benchmarking, not after
+        except ValueError as exc:
+            p.error(str(exc))
     sparsities = args.sparsities
     from ._optional import MissingDependencyError
 
