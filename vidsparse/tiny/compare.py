@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import maskers
+from ..cli_options import int_at_least
 from ..config import SparseConfig
 from ..mask import BlockMask
 from ..plan import MaskPlan
@@ -434,31 +435,18 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _positive(flag: str, minimum: int = 1):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{flag}: must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidsparse compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=_methods, default=None, help="comma-separated masker names (default: all registered)")
     p.add_argument("--sparsities", type=_floats("--sparsities"), default=list(DEFAULT_SPARSITIES),
                    help="comma-separated target block sparsities (default 0.8,0.9,0.95)")
-    p.add_argument("--clips", type=_positive("--clips"), default=None, help="validation clips (default: 32 GPU, 4 CPU)")
-    p.add_argument("--times", type=_positive("--times"), default=None, help="times per clip (default: 4 GPU, 2 CPU)")
-    p.add_argument("--samples", type=_positive("--samples", 0), default=None,
+    p.add_argument("--clips", type=int_at_least(1), default=None, help="validation clips (default: 32 GPU, 4 CPU)")
+    p.add_argument("--times", type=int_at_least(1), default=None, help="times per clip (default: 4 GPU, 2 CPU)")
+    p.add_argument("--samples", type=int_at_least(0), default=None,
                    help="sampled videos per point for PSNR/SSIM/shape accuracy (default: 8 GPU, 1 CPU; 0 = none)")
-    p.add_argument("--steps", type=_positive("--steps"), default=None, help="sampler steps (default: 40 GPU, 6 CPU)")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=8)
-    p.add_argument("--seed", type=_positive("--seed", 0), default=0)
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="sampler steps (default: 40 GPU, 6 CPU)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--no-timing", action="store_true", help="skip the GPU timing at the Wan2.1-1.3B shape")
     p.add_argument("--out", type=Path, default=Path("vidsparse_compare"), help="output folder")
