@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import check_model_dir, check_output_dir, fmt, jsonable, resolve_device
-from .cli_args import (block_size, finite_float, load_model, nonneg_int, or_exit, positive_float, positive_int,
-                       require_video_extra, sampler_settings, seed_int)
+from .cli_args import (block_size, finite_float, fraction_or_none, load_model, nonneg_int, or_exit, positive_float,
+                       positive_int, require_video_extra, sampler_settings, seed_int)
 
 __all__ = ["DEMO_CONFIG", "DEMO_TOPK", "DEMO_TOPP", "CPU_SAMPLES", "CPU_STEPS", "GPU_SAMPLES", "build_parser", "run", "main",
            "distilled_dir"]
@@ -85,16 +85,6 @@ _MODEL_ONLY = ("model", "distilled", "distilled_path", "samples", "steps", "guid
                "guidance_interval", "eta", "layer", "size", "token_order", "keep_diagonal", "keep_sink")
 
 
-def _fraction(text: str):
-    """argparse type of --topk / --topp: a float in (0, 1], or 'none' to switch the rule off."""
-    from .._validation import parse_fraction
-
-    try:
-        return parse_fraction(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vidsparse demo",
@@ -115,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distilled-path", default=None, metavar="PATH",
                         help="the distilled student's directory (implies --distilled; "
                              "default: vidsparse/tiny/assets/tiny_wan_distilled)")
-    parser.add_argument("--topk", type=_fraction, default=_UNSET,
+    parser.add_argument("--topk", type=fraction_or_none, default=_UNSET,
                         help=f"hybrid masker: Top-k fraction of key blocks kept per query block, or 'none' "
                              f"(default {DEMO_TOPK} once --topk or --topp is given)")
     parser.add_argument("--token-order", choices=("raster", "tiled"), default=None,
                         help="raster (the model's frame-major order) or tiled (each query block a compact "
                         "t x h x w tile of the token grid); default: the distilled student's sparse_config.json, "
                         "else the masker's own")
-    parser.add_argument("--topp", type=_fraction, default=_UNSET,
+    parser.add_argument("--topp", type=fraction_or_none, default=_UNSET,
                         help=f"hybrid masker: Top-p pooled probability mass kept per query block, or 'none' "
                              f"(default {DEMO_TOPP} once --topk or --topp is given)")
     parser.add_argument("--block-q", type=block_size, default=None, help="tokens per query block (default 128)")

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..utils import check_model_dir, check_output_file, device_name, fmt, jsonable, resolve_device, versions
-from .cli_args import (block_size, finite_float, load_model, nonneg_int, or_exit, parse_setting, positive_float,
-                       positive_int, sampler_settings, seed_int, setting_name)
+from .cli_args import (block_size, finite_float, fraction_or_none, load_model, nonneg_int, or_exit, parse_setting,
+                       positive_float, positive_int, sampler_settings, seed_int, setting_name)
 from .evaluate import DEFAULT_TOPK, DEFAULT_TOPP
 
 __all__ = ["main"]
@@ -32,16 +32,6 @@ _GPU_DEFAULTS = {"clips": 64, "num_t": 8, "samples": 4, "steps": 20, "batch_size
 # a default CPU run (dense + the default hybrid) stays at a few minutes on 2 cores
 _CPU_DEFAULTS = {"clips": 4, "num_t": 4, "samples": 1, "steps": 6, "batch_size": 4, "shape_samples": 0}
 _UNSET = object()  # --topk / --topp not given (None switches the rule off)
-
-
-def _fraction(text: str):
-    """argparse type of --topk / --topp: a float in (0, 1], or 'none' to switch the rule off."""
-    from .._validation import parse_fraction
-
-    try:
-        return parse_fraction(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                    "block_q, block_k, dense_steps, backend; 'none' switches an option off. The masker's options not "
                    "given take SparseConfig's defaults (hybrid: topk 0.03, topp 0.2); block sizes, backend and "
                    "token order come from the flags. Replaces the default hybrid setting unless --topk/--topp are given.")
-    p.add_argument("--topk", type=_fraction, default=_UNSET, help=f"Top-k of the default setting (default: the model directory's "
+    p.add_argument("--topk", type=fraction_or_none, default=_UNSET, help=f"Top-k of the default setting (default: the model directory's "
                    f"sparse_config.json if it has one, else {DEFAULT_TOPK}; 'none' = off)")
-    p.add_argument("--topp", type=_fraction, default=_UNSET, help=f"Top-p of the default setting (default: sparse_config.json, else "
+    p.add_argument("--topp", type=fraction_or_none, default=_UNSET, help=f"Top-p of the default setting (default: sparse_config.json, else "
                    f"{DEFAULT_TOPP}; 'none' = off)")
     p.add_argument("--block-q", type=block_size, default=None, help="query block size (default: sparse_config.json, else 128)")
     p.add_argument("--block-k", type=block_size, default=None, help="key block size (default: sparse_config.json, else 64)")
