@@ -248,6 +248,9 @@ def test_sparse_side_settings_from_the_student_and_the_flags(tmp_path):
     other = "raster" if opts["token_order"] == "tiled" else "tiled"
     cfg, why = demo._sparse_config(parser.parse_args(["--token-order", other, "--topp", "0.3"]), parser, shipped)
     assert cfg == saved.replace(token_order=other, topp=0.3, collect_stats=True) and why == "the flags"
+    cfg, _ = demo._sparse_config(parser.parse_args(["--token-order", "auto", "--topp", "0.3"]), parser, shipped)
+    assert cfg == saved.replace(token_order="auto", topp=0.3, collect_stats=True)  # the hybrid masker's default
+    assert "auto" in parser.format_help()
     cfg, why = demo._sparse_config(parser.parse_args([]), parser, None)
     assert cfg == SparseConfig("svg", {"budget": demo.DEMO_CONFIG["budget"]}, collect_stats=True)
     assert "80%" in why and "compare" in why

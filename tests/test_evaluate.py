@@ -252,6 +252,8 @@ def test_cli_default_setting_comes_from_a_students_sparse_config(tmp_path):
     assert settings[-1] == ("hybrid+diagonal", saved)
     args = parser.parse_args(["--model", str(tmp_path), "--topp", "0.2", "--block-k", "64", "--token-order", "raster"])
     assert _settings(args, parser, tmp_path)[-1][1] == saved.replace(topp=0.2, block_k=64, token_order="raster")
+    args = parser.parse_args(["--model", str(tmp_path), "--token-order", "auto"])  # the hybrid masker's default
+    assert _settings(args, parser, tmp_path)[-1][1] == saved.replace(token_order="auto")
     # the shipped student's file is in the same format
     from vidsparse.tiny.demo import distilled_dir
 

@@ -86,6 +86,8 @@ _MODEL_ONLY = ("model", "distilled", "distilled_path", "samples", "steps", "guid
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..maskers.token_order import TOKEN_ORDERS
+
     parser = argparse.ArgumentParser(
         prog="vidsparse demo",
         description=DESCRIPTION,
@@ -108,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topk", type=fraction_or_none, default=_UNSET,
                         help=f"hybrid masker: Top-k fraction of key blocks kept per query block, or 'none' "
                              f"(default {DEMO_TOPK} once --topk or --topp is given)")
-    parser.add_argument("--token-order", choices=("raster", "tiled"), default=None,
-                        help="raster (the model's frame-major order) or tiled (each query block a compact "
-                        "t x h x w tile of the token grid); default: the distilled student's sparse_config.json, "
-                        "else the masker's own")
+    parser.add_argument("--token-order", choices=TOKEN_ORDERS, default=None,
+                        help="raster (the model's frame-major order), tiled (each query block a compact "
+                        "t x h x w tile of the token grid) or auto (tiled when the grid is known); default: the "
+                        "distilled student's sparse_config.json, else the masker's own (hybrid: auto, others: raster)")
     parser.add_argument("--topp", type=fraction_or_none, default=_UNSET,
                         help=f"hybrid masker: Top-p pooled probability mass kept per query block, or 'none' "
                              f"(default {DEMO_TOPP} once --topk or --topp is given)")

@@ -35,6 +35,8 @@ _UNSET = object()  # --topk / --topp not given (None switches the rule off)
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..maskers.token_order import TOKEN_ORDERS
+
     p = argparse.ArgumentParser(
         prog="vidsparse eval",
         description="Validation flow-matching loss and sample PSNR/SSIM against dense, for dense and sparse "
@@ -62,9 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-q", type=block_size, default=None, help="query block size (default: sparse_config.json, else 128)")
     p.add_argument("--block-k", type=block_size, default=None, help="key block size (default: sparse_config.json, else 64)")
     p.add_argument("--backend", default=None, help="block-sparse backend: auto, triton, flex, gather or reference (default: sparse_config.json, else auto)")
-    p.add_argument("--token-order", choices=("raster", "tiled"), default=None,
-                   help="raster (the model's frame-major order) or tiled (each query block a compact t x h x w "
-                   "tile); default: the model directory's sparse_config.json, else raster")
+    p.add_argument("--token-order", choices=TOKEN_ORDERS, default=None,
+                   help="raster (the model's frame-major order), tiled (each query block a compact t x h x w "
+                   "tile) or auto (tiled when the grid is known); default: the model directory's "
+                   "sparse_config.json, else the masker's own (hybrid: auto, others: raster)")
     p.add_argument("--split", choices=("val", "shifted"), default="val", help="held-out clips to evaluate on")
     p.add_argument("--clips", type=positive_int, default=None, help="validation clips (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--num-t", type=positive_int, default=None, help="fixed times per clip (default 8 on CUDA, 4 on CPU)")
