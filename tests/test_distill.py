@@ -315,3 +315,29 @@ def test_cli_rejects_bad_values_naming_the_flag(argv, flag, capsys, tmp_path):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and flag in err, err
     assert not (tmp_path / "never").exists()  # before any work
+
+
+def test_cli_non_finite_loss_is_one_line_naming_the_step_and_what_to_try(tmp_path, capsys):
+    from vidsparse.cli import main as vidsparse_main
+
+    model_dir = tmp_path / "model"
+    _mini_model().save_pretrained(model_dir, safe_serialization=True)
+    args = ["distill", "--model", str(model_dir), "--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2",
+            "--lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0", "--timesteps", "uniform", "--topk", "0.25",
+            "--topp", "none", "--block-q", "16", "--block-k", "16", "--backend", "reference", "--frames", "4",
+            "--size", "16", "--device", "cpu", "--no-progress", "--no-export"]
+    assert vidsparse_main(args) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("vidsparse distill: error: ") and "by step" in lines[0], lines[0]
+    assert "--lr" in lines[0] and "--grad-clip" in lines[0], lines[0]
+
+
+def test_distill_is_imported_from_its_module():
+    import vidsparse.training as training
+    from vidsparse.training import distill as module
+    from vidsparse.training.distill import distill as function
+
+    assert "distill" not in training.__all__ and module.__name__ == "vidsparse.training.distill"
+    assert callable(function) and module.distill is function

@@ -3,8 +3,12 @@
 (:mod:`.distill`), the rectified-flow maths (:mod:`.flow`), optimizer and schedule
 (:mod:`.optim`) and loss curves (:mod:`.plots`).
 
-Run ``python -m vidsparse.training.distill --help`` (or ``vidsparse distill``) for the command line.
+Run ``vidsparse distill --help`` (or ``python -m vidsparse.training.distill --help``) for the command line.
 Names are resolved lazily so ``python -m vidsparse.training.distill`` does not import it twice.
+
+The distillation function is not among these names: ``vidsparse.training.distill`` is its module,
+so import the function from there, ``from vidsparse.training.distill import distill`` (or use
+:func:`train_student`, which also returns the trained student).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import importlib
 _WHERE = {
     "train_loop": ".loop", "LoopConfig": ".loop", "StepInfo": ".loop", "LoopResult": ".loop",
     "list_checkpoints": ".loop", "load_checkpoint": ".loop", "EMA": ".ema", "StepPlanner": ".planner",
-    "DataSource": ".distill", "DistillConfig": ".distill", "distill": ".distill", "train_student": ".distill",
+    "DataSource": ".distill", "DistillConfig": ".distill", "train_student": ".distill",
     "make_optimizer": ".optim", "make_scheduler": ".optim", "flow_matching_loss": ".flow",
 }
 __all__ = list(_WHERE)

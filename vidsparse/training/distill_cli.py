@@ -19,6 +19,9 @@ from .distill import PRECISIONS, DistillConfig, distill
 from .flow import TIMESTEP_SAMPLING
 from .lora import LORA_TARGETS, TRAINABLE
 
+#: the module ``python -m`` runs for this command line
+MODULE = "vidsparse.training.distill"
+
 __all__ = ["build_parser", "config_from_args", "main"]
 
 _POSITIVE = float_in(0, low_open=True)
@@ -76,7 +79,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> None:
 def build_parser() -> argparse.ArgumentParser:
     d = DistillConfig(out="")
     p = argparse.ArgumentParser(
-        prog="python -m vidsparse.training.distill",
+        prog=_prog(),
         description="Velocity-distillation fine-tuning of a sparse-attention student against its dense teacher.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -105,17 +108,33 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, 
         parser.error(str(e))
 
 
+def _prog() -> str:
+    """The command the user ran: ``python -m vidsparse.training.distill`` when that module is
+    ``__main__``, else ``vidsparse distill`` (the console script, ``python -m vidsparse``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "python -m vidsparse.training.distill" if getattr(spec, "name", None) == MODULE else "vidsparse distill"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code."""
+    """Command-line entry point; returns the process exit code.
+
+    Exit codes: 0 done, 2 a refused flag or input, 1 a run stopped by a non-finite loss or
+    gradient norm (one line naming the step and what to try), 130 interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmd = "python -m vidsparse.training.distill " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    cmd = f"{parser.prog} " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     cfg = config_from_args(args, parser, cmd)
     try:
         summary = distill(cfg)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the loop's check: "non-finite loss by step N; ..." (training/loop.py)
+        clip = f"a smaller --grad-clip (this run: {cfg.grad_clip:g})" if cfg.grad_clip else "--grad-clip 1.0"
+        print(f"{parser.prog}: error: training diverged: {str(e).strip().splitlines()[0]}; try a lower --lr "
+              f"(this run: {cfg.lr:g}) or {clip}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
