@@ -83,7 +83,7 @@ def test_bad_option_values(text):
     (["--option", "topk=inf"], "--option"),
     (["--option", "block_q=16"], "--option block_q"),
     (["--method", "svg", "--topk", "0.1"], "--topk"),
-    (["--option", "tile=4,4,4"], "--option tile"),  # tile needs token_order=tiled
+    (["--token-order", "raster", "--option", "tile=4,4,4"], "--option tile"),  # tile needs tiles
 ])
 def test_errors_name_the_flag(argv, names, capsys):
     err = _error(argv, capsys)

@@ -130,8 +130,9 @@ class SparseConfig:
 
     def describe(self) -> str:
         """One line for tables and logs, e.g. ``hybrid(topk=0.03, topp=0.2) 128x64``."""
+        common = {**maskers.COMMON_OPTIONS, "token_order": self.masker.default_token_order}
         opts = ", ".join(f"{k}={_short(v)}" for k, v in self.resolved_options().items()
-                         if k in self.masker.defaults or v != maskers.COMMON_OPTIONS.get(k))
+                         if k in self.masker.defaults or v != common.get(k))
         return f"{self.method}({opts}) {self.block_q}x{self.block_k}"
 
     # --------------------------------------------------------------------------- persistence

@@ -183,7 +183,7 @@ def parse_setting(text: str, base: "SparseConfig") -> tuple[str, "SparseConfig"]
                          f"{', '.join(sorted(known))})")
     try:
         values = {k: _setting_value(k, v, defaults[k]) for k, v in given.items()}
-        common = {k: v for k, v in base.resolved_options().items() if k in maskers.COMMON_OPTIONS}
+        common = {k: v for k, v in base.options.items() if k in maskers.COMMON_OPTIONS}  # given, not defaults
         fields = {k: getattr(base, k) for k in ("block_q", "block_k", "dense_steps", "dense_layers", "backend")}
         return name, SparseConfig(method=method, options=common, **fields).replace(**values)
     except (ValueError, TypeError) as e:
