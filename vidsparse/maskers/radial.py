@@ -99,7 +99,7 @@ def radial_block_mask(grid, positions, *, block_q: int, block_k: int, dense_fram
     if positions is not None:
         c = c[positions.to(device)]
     frame, spatial = c[:, 0], c[:, 1] * w + c[:, 2]
-    nq, nk = num_blocks(n, block_q), num_blocks(n, block_k)
+    nk = num_blocks(n, block_k)
     rows_per_chunk = max(1, (1 << 25) // (n * block_q)) * block_q
     radius = radius_table(t, h * w, dense_frames=dense_frames, sink_frames=sink_frames, decay=decay,
                           block_k=block_k).to(device)

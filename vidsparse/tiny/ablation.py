@@ -79,7 +79,6 @@ import math
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,177 +86,13 @@ import torch
 
 from ..cli_options import UNSET, add_mask_arguments, float_in, int_at_least, sparse_config_from_args
 from ..config import SparseConfig
-from ..utils import device_name, fmt, jsonable, sync, versions
+from ..utils import device_name, jsonable, sync, versions
+from .ablation_config import (EXPORT_VARIANT, SMOKE, SMOKE_BLOCKS, TRAIN_ORDER, VARIANTS, AblationConfig, Variant,
+                              smoke_config)
+from .ablation_report import export_student, render_markdown
 
 __all__ = ["AblationConfig", "VARIANTS", "run_ablation", "calibrate_topp", "plan_steps", "smoke_config", "build_parser",
            "base_sparse_from_args", "main"]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the ablation table."""
-
-    id: int
-    name: str
-    mask: str  # "dense", "topk", "topp", "hybrid"
-    objective: str | None  # None (training-free), "diffusion" or "distill"
-    data: str | None  # fine-tuning split
-
-
-VARIANTS: tuple[Variant, ...] = (
-    Variant(1, "dense", "dense", None, None),
-    Variant(2, "training-free Top-k", "topk", None, None),
-    Variant(3, "training-free Top-p", "topp", None, None),
-    Variant(4, "training-free hybrid", "hybrid", None, None),
-    Variant(5, "diffusion-loss FT, hybrid", "hybrid", "diffusion", "shifted"),
-    Variant(6, "velocity distillation, Top-k", "topk", "distill", "shifted"),
-    Variant(7, "velocity distillation, Top-p", "topp", "distill", "shifted"),
-    Variant(8, "velocity distillation, hybrid", "hybrid", "distill", "shifted"),
-    Variant(9, "diffusion-loss FT, hybrid", "hybrid", "diffusion", "train"),
-    Variant(10, "velocity distillation, hybrid", "hybrid", "distill", "train"),
-)
-#: training order: the shipped model (8) and the paper's main comparison first, so that a run
-#: short of time loses the least important rows
-_TRAIN_ORDER = (8, 5, 6, 7, 10, 9)
-#: the variant whose student is exported to ``out/distilled_hybrid``
-EXPORT_VARIANT = 8
-
-_SMOKE_BLOCKS = dict(block_q=16, block_k=16)
-_SMOKE = dict(num_layers=1, frames=4, size=32, batch_size=2, steps=2, warmup_steps=1, eval_clips=2,
-              eval_num_t=2, samples=1, sample_steps=2, calib_clips=2, calib_num_t=2,
-              calib_iters=4, topk_only=0.2, hybrid_topk=0.125, train_calib_steps=0, shape_samples=2)
-
-
-@dataclass
-class AblationConfig:
-    """Settings of one ablation run (see the module docstring).
-
-    Attributes:
-        out: output directory (ablation.json, ablation.md, distilled_hybrid/).
-        work_dir: checkpoints and logs of the training runs.
-        model: diffusers Wan directory; None = the embedded tiny model.
-        num_layers: keep only the first N transformer blocks of the loaded model (smoke runs).
-        time_limit_min: wall-clock budget of the whole run; ignored when ``steps`` is given.
-        steps: fixed optimizer steps per trained variant (None = planned from the budget).
-        batch_size, lr, warmup_steps, min_lr_ratio, weight_decay, grad_clip: fine-tuning recipe.
-        timesteps, t_mean, t_std, t_shift: training-time distribution.
-        topk_only: k of the Top-k-only variants; its block sparsity is the target of the others.
-        hybrid_topk: k of the hybrid variants (their p is calibrated).
-        topp_only, hybrid_topp: fixed p values instead of calibrating them.
-        target_sparsity: the calibration target; None = Top-k-only's 1 - floor(k * N) / N.
-        sparse: the base :class:`vidsparse.SparseConfig` of every sparse variant (the "hybrid"
-            masker; blocks, backend, token order, priors and any other option); each variant
-            changes only its k and p (:meth:`SparseConfig.replace`). With a prior on
-            (``keep_diagonal`` / ``keep_sink``), the target sparsity is the measured one of Top-k
-            only (the prior adds blocks Top-k may not have chosen).
-        frames, size: clip geometry.
-        calib_clips, calib_num_t, calib_iters: the p bisection (val clips x times, iterations).
-        train_calib_steps: steps of the throughput measurement (0 = none; needs ``steps``).
-        eval_clips, eval_num_t, eval_batch_size, samples, sample_steps: evaluation
-            (``vidsparse.tiny.evaluate.evaluate_variant``); ``shifted_eval`` adds the shifted split's
-            val loss; ``shape_samples`` single-object samples per variant are judged by the shape
-            classifier (0 = none).
-        variants: ids to run (default all ten).
-        seed, device, progress, smoke, command.
-    """
-
-    out: str
-    work_dir: str = "runs/ablation"
-    model: str | None = None
-    num_layers: int | None = None
-    time_limit_min: float = 9.0
-    steps: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-4
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    timesteps: str = "logit-normal"
-    t_mean: float = 0.0
-    t_std: float = 1.0
-    t_shift: float = 3.0
-    topk_only: float = 0.05
-    hybrid_topk: float = 0.03125
-    topp_only: float | None = None
-    hybrid_topp: float | None = None
-    target_sparsity: float | None = None
-    sparse: SparseConfig = field(default_factory=SparseConfig)
-    frames: int = 16
-    size: int = 64
-    calib_clips: int = 16
-    calib_num_t: int = 4
-    calib_iters: int = 14
-    train_calib_steps: int = 12
-    eval_clips: int = 64
-    eval_num_t: int = 8
-    eval_batch_size: int = 32
-    samples: int = 4
-    sample_steps: int = 20
-    shifted_eval: bool = True
-    shape_samples: int = 16
-    variants: tuple[int, ...] = tuple(v.id for v in VARIANTS)
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = False
-    smoke: bool = False
-    command: str | None = None
-    reserve_s: float = 20.0
-
-    def __post_init__(self) -> None:
-        known = {v.id for v in VARIANTS}
-        self.variants = tuple(sorted(set(self.variants)))
-        bad = [v for v in self.variants if v not in known]
-        if bad or not self.variants:
-            raise ValueError(f"variants must be a non-empty subset of 1..10, got {list(self.variants)}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be an int >= 1 or None, got {self.steps!r}")
-        if not self.time_limit_min > 0:
-            raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
-        if self.steps is None and self.train_calib_steps < 4:
-            raise ValueError("planning the steps from the time limit needs train_calib_steps >= 4 (or give steps)")
-        for name in ("topk_only", "hybrid_topk"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("topp_only", "hybrid_topp", "target_sparsity"):
-            v = getattr(self, name)
-            if v is not None and not 0 < v < 1:
-                raise ValueError(f"{name} must be in (0, 1) or None, got {v}")
-        if self.shape_samples < 0:
-            raise ValueError(f"shape_samples must be >= 0, got {self.shape_samples}")
-        if isinstance(self.sparse, dict):
-            self.sparse = SparseConfig.from_dict(self.sparse)
-        if not isinstance(self.sparse, SparseConfig) or self.sparse.method != "hybrid":
-            raise ValueError("sparse must be a SparseConfig of the 'hybrid' masker (the variants are its Top-k, "
-                             f"Top-p and hybrid rules), got {self.sparse!r}")
-        for kind in ("topk", "topp", "hybrid"):  # the variants' options against the base now, not mid-run
-            self.mask(kind, {"topp": 0.5, "hybrid": 0.5})
-
-    def mask(self, kind: str, topp: dict[str, float]) -> SparseConfig | None:
-        """The :class:`vidsparse.SparseConfig` of a mask kind ("dense" -> None): the base ``sparse``
-        with the kind's k and p (``topp``: the calibrated p of "topp" and "hybrid")."""
-        if kind == "dense":
-            return None
-        if kind == "topk":
-            return self.sparse.replace(topk=self.topk_only, topp=None)
-        if kind == "topp":
-            return self.sparse.replace(topk=None, topp=topp["topp"])
-        return self.sparse.replace(topk=self.hybrid_topk, topp=topp["hybrid"])
-
-    @property
-    def priors(self) -> bool:
-        opts = self.sparse.resolved_options()
-        return bool(opts["keep_diagonal"] or opts["keep_sink"])
-
-
-def smoke_config(out: str, **changes: Any) -> AblationConfig:
-    """A tiny CPU configuration: the model's first block only, 4 frames of 32x32 (256 tokens) with
-    16x16 blocks, 2 training steps, minimal evaluation. Checks the plumbing, not the paper."""
-    base = dict(_SMOKE)
-    base["sparse"] = SparseConfig(**_SMOKE_BLOCKS)
-    base.update(changes)
-    base.setdefault("work_dir", "runs/ablation_smoke")
-    return AblationConfig(out=out, smoke=True, **base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +259,7 @@ class _Run:
         self.n_kv = -(-self.tokens // block_k)
         self.kept_topk = max(1, math.floor(cfg.topk_only * self.n_kv * (1 + 1e-6)))  # the masker's rounding
         self.selected = [v for v in VARIANTS if v.id in cfg.variants]
-        self.trained = sorted((v for v in self.selected if v.objective), key=lambda v: _TRAIN_ORDER.index(v.id))
+        self.trained = sorted((v for v in self.selected if v.objective), key=lambda v: TRAIN_ORDER.index(v.id))
         self.topp: dict[str, float] = {}
         self.cache: dict = {}
         self.dense_loss: float | None = None
@@ -576,7 +411,7 @@ class _Run:
         row.update(steps=summary["step"], train_seconds=summary["train_loop_s"], first_train_loss=summary["first_loss"],
                    final_train_loss=summary["final_loss"], stop_reason=summary["stop_reason"])
         if v.id == EXPORT_VARIANT:
-            _export(student, self.out / "distilled_hybrid", self.model_dir, cfg, v, sparse, summary, self.payload)
+            export_student(student, self.out / "distilled_hybrid", self.model_dir, cfg, v, sparse, summary, self.payload)
             row["exported_to"] = str(self.out / "distilled_hybrid")
         r = self.evaluate(student, sparse)
         del student
@@ -617,110 +452,6 @@ def run_ablation(cfg: AblationConfig, model: torch.nn.Module | None = None, *, s
     run.write()
     _log(f"done in {run.payload['elapsed_s']:.0f} s: {run.out / 'ablation.json'}, {run.out / 'ablation.md'}")
     return run.payload
-
-
-def _export(student, path: Path, model_dir: Path | None, cfg: AblationConfig, v: Variant, sparse, summary, payload) -> None:
-    """fp16 save_pretrained of the distilled student, with the source's sampling.json and a card."""
-    from ..training.distill import save_student
-
-
-    shutil.rmtree(path, ignore_errors=True)
-    save_student(student, path)
-    if model_dir is not None and (Path(model_dir) / "sampling.json").is_file():
-        shutil.copy(Path(model_dir) / "sampling.json", path / "sampling.json")
-    card = f"""# tiny Wan, velocity-distilled for hybrid block-sparse attention
-
-The embedded tiny Wan model (`vidsparse/tiny/assets/tiny_wan`) fine-tuned by velocity distillation
-(SpargeAttention2 §4.2) against its own dense copy, with vidsparse's hybrid Top-k+Top-p
-block-sparse self-attention in the student. Variant {v.id} of `python -m vidsparse.tiny.ablation`.
-
-| | |
-|---|---|
-| sparse setting to use | `{sparse.describe()}`, backend {sparse.backend}: `SparseConfig.load(path)` reads it from `sparse_config.json` |
-| measured block sparsity (calibration) | {payload['calibration'].get('hybrid', {}).get('sparsity', float('nan')):.4f} |
-| fine-tuning data | "{v.data}" split of `vidsparse.tiny.data` (colours, motions and backgrounds held out of pretraining) |
-| steps | {summary['step']} x batch {cfg.batch_size}, AdamW lr {cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio:g} x), all parameters |
-| timesteps | {cfg.timesteps} (mean {cfg.t_mean}, std {cfg.t_std}), shift {cfg.t_shift:g} |
-| device | {payload['device_name']}, {payload['precision']}, torch {payload['versions']['torch']} |
-| date | {payload['date']} |
-
-Weights: fp16 safetensors (`save_pretrained`); load with `vidsparse.tiny.load_tiny_wan(path)` and
-patch with the setting above (`vidsparse.patch(model, SparseConfig.load(path))`). It was trained for
-that sparse setting; for dense attention use the original model. Quality against the original:
-`ablation.md` / `ablation.json` of the same run (variant {v.id}).
-"""
-    (path / "MODEL_CARD.md").write_text(card)
-    sparse.save(path)  # what the student was distilled for: `vidsparse demo --distilled` reads it
-
-
-# ----------------------------------------------------------------------------------------------
-# markdown
-
-
-def _priors_text(options: dict[str, Any]) -> str:
-    on = [name for name in ("keep_diagonal", "keep_sink") if options.get(name)]
-    return f" with {' and '.join(on)}" if on else ""
-
-
-def render_markdown(payload: dict[str, Any]) -> str:
-    """The ablation table and its context, ready to paste into docs/benchmarks.md."""
-    s = payload["settings"]
-    mask = s["sparse"]  # SparseConfig.to_dict() of the base setting
-    vers = payload["versions"]
-    plan = payload.get("plan") or {}
-    lines = [
-        "### SpargeAttention2 ablation (Table 6) on the tiny Wan model",
-        "",
-        f"`{payload.get('command') or 'python -m vidsparse.tiny.ablation'}`, {payload['date']}, "
-        f"**{payload['device_name']}**, torch {vers.get('torch')}, triton {vers.get('triton')}, "
-        f"diffusers {vers.get('diffusers')}, {payload['precision']}. {payload['tokens']} tokens per clip "
-        f"({s['frames']}x{s['size']}x{s['size']}), blocks {mask['block_q']}x{mask['block_k']}, "
-        f"{mask['options'].get('token_order', 'raster')} token order{_priors_text(mask['options'])}, target block sparsity "
-        f"{100 * payload['target_sparsity']:.1f}% (Top-k only at k = {s['topk_only']}).",
-        "",
-        f"Fine-tuning: {plan.get('steps', '–')} steps per trained variant ({plan.get('source', '')}), batch "
-        f"{s['batch_size']}, AdamW lr {s['lr']:g} (warm-up {s['warmup_steps']}, cosine to {s['min_lr_ratio']:g} x), "
-        f"weight decay {s['weight_decay']}, all parameters, seed {s['seed']}; timesteps {s['timesteps']} "
-        f"(mean {s['t_mean']}, std {s['t_std']}) with shift {s['t_shift']:g}. Evaluation "
-        f"(`vidsparse.tiny.evaluate.evaluate_variant`): val loss = flow-matching MSE on {s['eval_clips']} \"val\" clips x "
-        f"{s['eval_num_t']} fixed times; shifted = the same on the \"shifted\" split; PSNR/SSIM of {s['samples']} "
-        f"samples ({s['sample_steps']} Euler steps) against the original dense model's samples (same conditions and "
-        f"noise); shape acc = fraction of {s.get('shape_samples', 0)} single-object samples whose shape the "
-        f"classifier names as conditioned (chance 0.25). Sparsity = measured block sparsity of the masks in the "
-        f"val-loss forwards.",
-        "",
-        "| # | variant | mask | fine-tune data | k | p | sparsity % | steps | train s | val loss | Δ vs dense % "
-        "| shifted val loss | PSNR dB | SSIM | shape acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in payload["variants"]:
-        sp = None if r.get("sparsity") is None else 100 * r["sparsity"]
-        status = "" if r.get("status") == "done" else f" ({r.get('status')})"
-        lines.append(
-            f"| {r['id']} | {r['variant']}{status} | {r['method']} | {r['data']} | {fmt(r.get('topk'), 'g', '–')} | "
-            f"{fmt(r.get('topp'), '.4f', '–')} | {fmt(sp, '.1f', '–')} | {fmt(r.get('steps'), 'd', '–')} | "
-            f"{fmt(r.get('train_seconds'), '.0f', '–')} | {fmt(r.get('val_loss'), '.5f', '–')} | "
-            f"{fmt(r.get('delta_vs_dense_pct'), '+.1f', '–')} | {fmt(r.get('shifted_val_loss'), '.5f', '–')} | "
-            f"{fmt(r.get('psnr'), '.2f', '–')} | {fmt(r.get('ssim'), '.4f', '–')} | {fmt(r.get('shape_accuracy'), '.2f', '–')} |"
-        )
-    cal = payload.get("calibration", {})
-    parts = []
-    for key, label in (("topp", "Top-p only"), ("hybrid", f"hybrid (k = {s['hybrid_topk']})")):
-        if key in cal:
-            c = cal[key]
-            how = "bisection" if c.get("calibrated") else "given"
-            parts.append(f"{label}: p = {c['p']:.6g} ({how}) → {100 * c['sparsity']:.2f}%")
-    if "topk" in cal:
-        parts.append(f"Top-k only: k = {cal['topk']['k']} ({cal['topk']['kept_blocks']} blocks) → "
-                     f"{100 * cal['topk']['sparsity']:.2f}%")
-    if parts:
-        lines += ["", f"Calibration on {cal.get('clips')} val clips x {cal.get('num_t')} times: " + "; ".join(parts) + "."]
-    if plan.get("step_s"):
-        names = {"distill": "velocity distillation (teacher + student)", "diffusion": "diffusion loss (student only)"}
-        rates = "; ".join(f"{names.get(k, k)} {1e3 * v:.0f} ms" for k, v in plan["step_s"].items())
-        lines += ["", f"Measured time per training step (batch {s['batch_size']}): {rates}. Total wall time "
-                      f"{payload.get('elapsed_s', 0) / 60:.1f} min."]
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,7 +518,7 @@ def base_sparse_from_args(args: argparse.Namespace, parser: argparse.ArgumentPar
     if args.method is not UNSET and args.method != "hybrid":
         parser.error(f"--method: the ablation compares the 'hybrid' masker's Top-k, Top-p and hybrid rules, "
                      f"not {args.method!r}")
-    return sparse_config_from_args(args, parser, defaults=SparseConfig(**_SMOKE_BLOCKS) if args.smoke else None)
+    return sparse_config_from_args(args, parser, defaults=SparseConfig(**SMOKE_BLOCKS) if args.smoke else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -805,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             changes[name] = getattr(args, name)
     try:
         if args.smoke:
-            changes["steps"] = changes["steps"] or _SMOKE["steps"]
+            changes["steps"] = changes["steps"] or SMOKE["steps"]
             cfg = smoke_config(args.out, **changes)
         else:
             cfg = AblationConfig(out=args.out, **changes)
