@@ -196,7 +196,7 @@ def test_argument_errors():
 
 
 def test_vocabulary_is_consistent():
-    assert len(shapes_mod._PATHS) == len(MOTIONS) and len(shapes_mod._BACKGROUND_FNS) == len(BACKGROUNDS)
+    assert len(shapes_mod.PATHS) == len(MOTIONS) and len(shapes_mod._BACKGROUND_FNS) == len(BACKGROUNDS)
     assert len(SHAPES) == 4 and len(COLOURS) == 14
     for split, vocab in SPLIT_VOCAB.items():
         assert max(vocab["colour"]) < len(COLOURS) and max(vocab["motion"]) < len(MOTIONS), split
