@@ -12,32 +12,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..cli_options import float_in
+from ..cli_options import float_in, int_at_least
 
 __all__ = [
     "int_at_least", "positive_int", "nonneg_int", "seed_int", "finite_float", "positive_float", "fraction_or_none",
     "block_size", "parse_setting", "setting_name", "or_exit", "load_model", "require_video_extra",
     "sampler_settings",
 ]
-
-
-def int_at_least(minimum: int):
-    """argparse type: an int >= ``minimum``.
-
-    Not :func:`vidsparse.cli_options.int_at_least` only for its message: "expected an integer"
-    here (the demo's and eval's errors say so, and tests check it), "expected an int" there.
-    """
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 positive_int = int_at_least(1)
