@@ -44,6 +44,13 @@ def bench_attention(
     *, shape: str, heads: int | None, sparsities: list[float], dtype_name: str, backward: bool,
     flex: bool, rep_ms: int, block_q: int, block_k: int, log=print,
 ) -> dict:
+    """Time dense SDPA (cuDNN, FA2), vidsparse (given mask / incl. prediction) and FlexAttention on
+    one (B, H, N, D) shape, forward and forward+backward, one row per method and sparsity.
+
+    Longer than the house rule on purpose: every row must be timed in one process on the same
+    tensors (q, k, v, dO and their gradient copies), which the timing closures share; split up, each
+    part would need them all passed in.
+    """
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
