@@ -241,7 +241,6 @@ class Settings:
     batch_size: int
     seed: int
     capture_clips: int = 2
-    calibration_steps: int = 14
 
 
 def _amp(device):
@@ -292,8 +291,7 @@ def compare(model, variants: Sequence[Variant], sparsities: Sequence[float], set
 def _point(model, variant, goal, captured, grid, items, v_dense, target, samples, settings, *, amp) -> dict:
     t0 = time.perf_counter()
     states = layer_states(variant.masker, len(captured))  # warm starts carry over, as in a pipeline
-    density, planned = calibrate(variant, goal, captured, grid, block_q=128, block_k=64, states=states,
-                                 iters=settings.calibration_steps)
+    density, planned = calibrate(variant, goal, captured, grid, block_q=128, block_k=64, states=states)
     cfg = variant.config(density, backend="auto")
     v, summary = predictions(model, items, cfg, batch_size=settings.batch_size, amp=amp)
     mass, bound = kept_mass(variant, density, captured, grid, block_q=128, block_k=64, states=states)
@@ -470,9 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the CPU default is sized to finish within ~10 minutes on 2 cores; its numbers are noisier
     settings = Settings(clips=args.clips or (32 if gpu else 4), num_t=args.times or (4 if gpu else 2),
                         samples=(8 if gpu else 1) if args.samples is None else args.samples,
-                        steps=args.steps or (40 if gpu else 6), batch_size=args.batch_size, seed=args.seed,
-                        capture_clips=2 if gpu else 1, calibration_steps=14 if gpu else 10)
-    from .model import load_tiny_wan, token_grid
+                        steps=args.steps or (40 if gpu else 6), batch_size=args.batch_size, seed=args.seed)
+    from .model import load_tiny_wan
+
+    from .model import token_grid
 
     model = load_tiny_wan(device=device)
     variants = default_variants(args.methods or maskers.available(), math.prod(token_grid(dict(model.config))))
