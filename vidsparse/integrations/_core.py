@@ -200,9 +200,10 @@ class SparseLayer:
         if grid is not None and grid[0] * grid[1] * grid[2] != q_video.shape[1]:
             raise RuntimeError(f"vidsparse: the latent grid {grid} recorded for this forward has "
                                f"{grid[0] * grid[1] * grid[2]} tokens but the attention got {q_video.shape[1]} video tokens")
-        return self.masker(
+        # options were validated for this layer's heads at patch time (SparseConfig.resolved_options)
+        return self.masker.plan(
             q_video.transpose(1, 2), k_video.transpose(1, 2), grid=grid, state=self.masker_state,
-            block_q=cfg.block_q, block_k=cfg.block_k, **options,
+            block_q=cfg.block_q, block_k=cfg.block_k, options=options,
         )
 
     def attend(

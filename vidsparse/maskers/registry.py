@@ -108,7 +108,15 @@ class Masker:
         _check_qk(self.name, q, k)
         check_block_size("block_q", block_q)
         check_block_size("block_k", block_k)
-        opts = self.check_options(options, q.shape[1])
+        return self.plan(q, k, grid=grid, state=state, block_q=block_q, block_k=block_k,
+                         options=self.check_options(options, q.shape[1]))
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, *, grid, state: dict | None, block_q: int, block_k: int,
+             options: dict[str, Any]) -> MaskPlan:
+        """The call for options already checked: ``options`` as :meth:`check_options` returns them
+        (every option present). The diffusers integration validates once, at ``patch``, and calls this
+        per layer and step, so the hot path does not re-check its settings."""
+        opts = dict(options)
         order, tile = opts.pop("token_order"), opts.pop("tile")
         if order == "auto":
             order = "tiled" if grid is not None else "raster"
