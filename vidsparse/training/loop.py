@@ -8,21 +8,29 @@ the scheduler, then calls ``callback(info)`` (EMA updates, evaluations, extra lo
     result = train_loop(LoopConfig(out="runs/x", steps=500), model=model, optimizer=opt,
                         scheduler=sched, backward=lambda step: {"loss": my_loss(step)})
 
-Layout of ``out`` (only rank 0 writes)::
+Layout of ``out`` (only rank 0 writes, except the shards of a sharded checkpoint)::
 
-    log.jsonl                    {"kind": "train", "step", "loss", ..., "grad_norm", "lr", "elapsed_s"} per log interval
-    checkpoints/step-0000100.pt  model, optimizer, scheduler, extra state, RNG, step, elapsed time, meta
+    log.jsonl                           {"kind": "train", "step", "loss", ..., "grad_norm", "lr", "elapsed_s"} per log interval
+    checkpoints/step-0000100.pt         model, optimizer, scheduler, extra state, RNG, step, elapsed time, meta
+    checkpoints/step-0000100.pt.sha256  its digest (``sha256sum -c`` reads it)
+    checkpoints/step-0000100/           instead, for an FSDP2-sharded model: a DCP folder (training/parallel.py)
+
+A model sharded with ``fully_shard`` is saved with torch.distributed.checkpoint by every rank and
+resumes on any number of ranks (or in one process into a plain model); any other model is
+saved whole by rank 0 into one ``.pt`` file (one process, DDP).
 
 Fault tolerance:
 
 * a non-finite loss or gradient norm stops the run with ``FloatingPointError`` before anything
-  is saved (checked, with one host sync, at every log and before every checkpoint), so the last
-  finite checkpoint is never pruned;
+  is saved (checked, with one host sync, at every log and before every checkpoint; the norm is
+  the global one, also for sharded gradients), so the last finite checkpoint is never pruned;
 * SIGTERM / SIGINT finish the current step, write a checkpoint and return with
   ``result.signal`` set (every rank stops at the same step);
-* checkpoints are written to a temporary file, fsynced and renamed; on resume each is loaded and
-  checked, and a truncated or garbage latest checkpoint falls back to the previous one with a
-  warning naming the file;
+* checkpoints are written to a temporary file (folder), fsynced, hashed and renamed; on resume
+  each is checked against its sha256 and loaded, and a truncated or overwritten latest
+  checkpoint falls back to the previous one with a warning naming the file. Saving step s
+  removes checkpoints of later steps (left by the run this one resumed before them, damaged
+  ones included) and then keeps the newest ``keep_checkpoints``;
 * a torn last line of ``log.jsonl`` (a crash mid-write) is dropped on resume;
 * :func:`prepare_out` refuses an ``out`` that holds a run unless resuming, and checks it is
   writable before any work.
@@ -33,6 +41,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -44,11 +54,15 @@ from typing import Any, Callable
 
 import torch
 
+from .parallel import file_sha256, fsync_dir, is_sharded, load_sharded, save_sharded, verify_sharded
+
 __all__ = ["LoopConfig", "StepInfo", "LoopResult", "train_loop", "prepare_out", "list_checkpoints",
            "load_checkpoint", "latest_checkpoint", "dist_info", "truncate_log"]
 
-_CKPT_VERSION = 2
-_REQUIRED = ("version", "step", "elapsed_s", "model", "optimizer", "rng")
+_CKPT_VERSION = 3
+_REQUIRED_LOOP = ("version", "step", "elapsed_s", "rng")  # a sharded folder's loop.pt
+_REQUIRED = (*_REQUIRED_LOOP, "model", "optimizer")
+_STEP_NAME = re.compile(r"step-(\d+)(\.pt)?")
 
 
 @dataclass
@@ -117,10 +131,18 @@ def _ckpt_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
+def _step_of(path: Path) -> int:
+    return int(_STEP_NAME.fullmatch(path.name).group(1))
+
+
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Checkpoint files of a run directory, oldest first."""
+    """Checkpoints of a run directory by step, oldest first: ``step-N.pt`` files and ``step-N``
+    folders (sharded); temporary ones of an interrupted save are left out."""
     d = _ckpt_dir(Path(out))
-    return sorted(d.glob("step-*.pt")) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if (m := _STEP_NAME.fullmatch(p.name)) and p.is_dir() != bool(m.group(2))]
+    return sorted(found, key=lambda p: (_step_of(p), p.name))
 
 
 def prepare_out(out: str | os.PathLike, resume: str | None, *, flag: str = "--out") -> Path:
@@ -142,27 +164,50 @@ def prepare_out(out: str | os.PathLike, resume: str | None, *, flag: str = "--ou
     return out
 
 
-def _atomic_save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_synced(path: Path, write: Callable) -> None:
+    with open(path, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, digest beside it, rename both."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, digest_tmp = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".sha256.tmp")
+    _write_synced(tmp, lambda f: torch.save(state, f))
+    line = f"{file_sha256(tmp)}  {path.name}\n".encode()
+    _write_synced(digest_tmp, lambda f: f.write(line))
+    os.replace(digest_tmp, _digest_path(path))
     os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - directories cannot be fsynced on some platforms
-        pass
+    fsync_dir(path.parent)
+
+
+def _check_digest(path: Path) -> None:
+    """ValueError when the ``.sha256`` beside a checkpoint file does not match it (no digest: older run)."""
+    digest = _digest_path(path)
+    if not digest.is_file():
+        return
+    fields = digest.read_text().split()
+    if file_sha256(path) != (fields[0] if fields else ""):
+        raise ValueError(f"checkpoint {path} is damaged (does not match its sha256 in {digest.name})")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load and check a checkpoint written by :func:`train_loop`; ValueError if it is damaged."""
+    """Load and check a checkpoint written by :func:`train_loop`; ValueError if it is damaged.
+
+    A ``.pt`` file gives its whole state; a sharded folder is checked against its manifest
+    (collectively when a process group is initialised) and gives its loop state only (the weights:
+    :func:`vidsparse.training.parallel.read_sharded_model`).
+    """
     path = Path(path)
+    if path.is_dir():
+        return verify_sharded(path, _REQUIRED_LOOP)
+    _check_digest(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, pickle errors
@@ -174,13 +219,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def latest_checkpoint(out: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads, warning about (and skipping) damaged newer ones."""
+    """The newest checkpoint that loads, warning (on rank 0) about damaged newer ones, which are skipped."""
+    rank = dist_info()[0]
     for path in reversed(list_checkpoints(out)):
         try:
             return path, load_checkpoint(path)
         except ValueError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint", RuntimeWarning, stacklevel=2)
+            if rank == 0:
+                warnings.warn(f"{e}; falling back to the previous checkpoint", RuntimeWarning, stacklevel=2)
     return None
+
+
+def _remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+        _digest_path(path).unlink(missing_ok=True)
 
 
 def truncate_log(log_path: Path, step: int) -> None:
@@ -291,13 +346,12 @@ class _Run:
             path, ckpt = found
         else:
             path = Path(cfg.resume)
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
             ckpt = load_checkpoint(path)
         if check_meta is not None:
             check_meta(ckpt.get("meta", {}), path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_weights(path, ckpt)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         for name, obj in self.state.items():
@@ -309,6 +363,17 @@ class _Run:
             truncate_log(self.log_path, self.step)
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         return path, ckpt.get("meta", {})
+
+    def load_weights(self, path: Path, ckpt: dict) -> None:
+        """Model and optimizer from a checkpoint file, or from a sharded folder (resharded to this run)."""
+        if path.is_dir():
+            load_sharded(path, self.model, self.optimizer)
+            return
+        if is_sharded(self.model):
+            raise ValueError(f"--resume: {path} is a single-file checkpoint (one process or DDP); a sharded "
+                             "(FSDP) run resumes from checkpoint folders: resume this run without FSDP")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
 
     def check_finite(self) -> None:
         """Raise before anything is saved when a loss or gradient norm since the last check was not finite."""
@@ -330,19 +395,33 @@ class _Run:
 
     def checkpoint(self) -> Path | None:
         self.check_finite()
-        path = _ckpt_dir(self.out) / f"step-{self.step:07d}.pt"
+        sharded = is_sharded(self.model)
+        path = _ckpt_dir(self.out) / f"step-{self.step:07d}{'' if sharded else '.pt'}"
+        loop_state = {
+            "version": _CKPT_VERSION, "step": self.step, "elapsed_s": self.elapsed(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "state": {k: v.state_dict() for k, v in self.state.items()}, "rng": _rng_state(self.device),
+            "meta": self.meta, "total_steps": self.total(),
+        }
+        if sharded:  # every rank writes its shards
+            save_sharded(path, self.model, self.optimizer, loop_state)
+        elif self.main:
+            _atomic_save({**loop_state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
         if self.main:
-            _atomic_save({
-                "version": _CKPT_VERSION, "step": self.step, "elapsed_s": self.elapsed(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "state": {k: v.state_dict() for k, v in self.state.items()}, "rng": _rng_state(self.device),
-                "meta": self.meta, "total_steps": self.total(),
-            }, path)
-            for old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
+            self.prune()
         self.ckpt_step, self.last_ckpt = self.step, path
         return path
+
+    def prune(self) -> None:
+        """Drop checkpoints of later steps (a resume went back before them) and all but the newest kept."""
+        ckpts = list_checkpoints(self.out)
+        later = [p for p in ckpts if _step_of(p) > self.step]
+        if later:
+            print(f"removing checkpoint(s) after step {self.step} (from before this resume): "
+                  f"{', '.join(p.name for p in later)}", file=sys.stderr)
+        done = [p for p in ckpts if _step_of(p) <= self.step]
+        for old in later + done[:-self.cfg.keep_checkpoints]:
+            _remove_checkpoint(old)
 
     def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
@@ -390,6 +469,13 @@ class _Run:
         return None
 
 
+def _global(norm: torch.Tensor) -> torch.Tensor:
+    """The gradient norm as a plain tensor: over sharded (DTensor) gradients it is a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 def train_loop(
     cfg: LoopConfig,
     *,
@@ -408,6 +494,8 @@ def train_loop(
 
     Args:
         model: what is checkpointed (the unwrapped module; wrap it in DDP yourself for ``backward``).
+            A model sharded with ``fully_shard`` is checkpointed in sharded folders (DCP); build
+            ``optimizer`` after sharding.
         backward: ``step -> {"loss": tensor, ...}``; runs the forward and ``.backward()`` of step
             ``step`` (0-based) and returns detached scalar metrics, averaged per log interval.
         params: the parameters whose gradient norm is clipped (default: those requiring grad).
@@ -434,7 +522,7 @@ def train_loop(
             while (reason := run.should_stop(signals, steps_this_call)) is None:
                 optimizer.zero_grad(set_to_none=True)
                 metrics = dict(backward(run.step))
-                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+                metrics["grad_norm"] = _global(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
