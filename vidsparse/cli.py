@@ -65,6 +65,7 @@ SUBCOMMANDS = {
     "demo": (_run_module("vidsparse.tiny.demo"), "the main job: the embedded tiny video model, dense vs vidsparse side by side (`vidsparse demo --help`)"),
     "bench": (_run_module("vidsparse.bench"), "GPU benchmarks: `vidsparse bench attention --help`"),
     "distill": (_run_module("vidsparse.training.distill"), "velocity-distillation fine-tuning of a sparse student"),
+    "encode": (_run_module("vidsparse.training.encode"), "a folder of videos (and captions) -> VAE latents and text embeddings for `vidsparse distill --latents`"),
     "eval": (_run_module("vidsparse.tiny.eval_cli"), "quality yardstick: validation loss and PSNR/SSIM vs dense, per attention setting"),
     "compare": (_run_module("vidsparse.tiny.compare"), "every registered masker at the same block sparsities on the tiny model, ranked by error vs dense"),
 }

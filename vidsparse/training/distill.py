@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from ..config import SparseConfig
 from ..utils import hash_seed, jsonable, resolve_device
-from .flow import TIMESTEP_SAMPLING, noisy_sample, sample_timesteps, velocity, velocity_target
+from .families import WanFamily, family_for_model
+from .flow import TIMESTEP_SAMPLING, sample_timesteps
 from .loop import LoopConfig, dist_info, prepare_out, train_loop
 from .lora import LORA_TARGETS, TRAINABLE, add_lora, merged_state_dict, select_trainable
 from .optim import make_optimizer, make_scheduler
@@ -67,6 +68,8 @@ from .optim import make_optimizer, make_scheduler
 __all__ = [
     "DataSource",
     "load_source",
+    "make_source",
+    "check_data",
     "DEFAULT_SOURCE",
     "DistillConfig",
     "distill",
@@ -94,7 +97,9 @@ class DistillConfig:
 
     Attributes:
         out: output directory (see the module docstring).
-        model: a diffusers Wan checkpoint directory; None = the embedded tiny model.
+        model: a diffusers pipeline folder (model_index.json; with ``latents`` or ``prompts``) or
+            a transformer folder (Wan, CogVideoX or HunyuanVideo; with ``latents``, or the tiny
+            pixel-space model on the shapes clips); None = the embedded tiny model.
         steps: optimizer steps. batch_size: global clips per step (split over ranks, then over
             ``grad_accum`` micro-batches; must be divisible by world_size * grad_accum).
         lr, warmup_steps, min_lr_ratio: peak LR, linear warm-up, cosine decay to min_lr_ratio * lr
@@ -103,7 +108,8 @@ class DistillConfig:
         distill_weight, diffusion_weight: weights of the velocity-distillation loss and of the
             flow-matching (diffusion) loss; at least one must be > 0. With distill_weight = 0 the
             teacher is never run and ``vd_loss`` is not logged.
-        timesteps, t_mean, t_std, t_shift: see :func:`vidsparse.tiny.flow.sample_timesteps`.
+        timesteps, t_mean, t_std, t_shift: see :func:`vidsparse.training.flow.sample_timesteps`;
+            ``t_shift`` None = the pipeline scheduler's shift (flow models), else 1.
         trainable: "all" parameters, "attention" (only ``attn1`` / ``attn2`` of every block) or
             "lora" (peft LoRA adapters on ``lora_targets``; the base weights stay frozen).
         lora_rank, lora_alpha: LoRA rank r and scaling alpha (None = r, i.e. scale 1).
@@ -116,6 +122,16 @@ class DistillConfig:
             ``sparse_config.json``.
         data: "train" or "shifted", the split whose clips build x_0.
         frames, size: clip geometry (the condition width is the model's ``text_dim``).
+        latents: a latents folder (:mod:`vidsparse.training.latents`, from ``vidsparse encode``)
+            to train on, instead of the shapes clips.
+        prompts: a prompts file: the frozen dense teacher pipeline samples the clean latents
+            (:mod:`vidsparse.training.prompts`), cached under ``cache`` (None = the default).
+        teacher_steps, teacher_batch_size, guidance: the teacher's sampling steps, prompts per
+            pipeline call and guidance scale (None = the pipeline's default; also HunyuanVideo's
+            embedded guidance during training).
+        height, width, num_frames: the teacher's sample size (None = the pipeline's defaults).
+        expert: Wan 2.2 pipelines: "high" (``transformer``, t >= boundary_ratio; the default) or
+            "low" (``transformer_2``, t < boundary_ratio); training times stay in its range.
         seed, device, precision: data/noise seed; "auto"/"cpu"/"cuda[:N]" (ignored under DDP,
             where rank r uses cuda:LOCAL_RANK or the CPU); bf16 autocast on CUDA by default.
         ckpt_every, keep_checkpoints, log_every: cadences; resume: None, "auto" or a file.
@@ -142,7 +158,7 @@ class DistillConfig:
     timesteps: str = "logit-normal"
     t_mean: float = 1.5
     t_std: float = 1.6
-    t_shift: float = 1.0
+    t_shift: float | None = None
     trainable: str = "all"
     lora_rank: int = 16
     lora_alpha: float | None = None
@@ -153,6 +169,16 @@ class DistillConfig:
     source: str = DEFAULT_SOURCE
     frames: int = 16
     size: int = 64
+    latents: str | None = None
+    prompts: str | None = None
+    expert: str | None = None
+    teacher_steps: int = 8
+    teacher_batch_size: int = 1
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    cache: str | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -192,7 +218,7 @@ class DistillConfig:
             raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
-        if not self.t_std > 0 or not self.t_shift > 0:
+        if not self.t_std > 0 or not (self.t_shift is None or (self.t_shift > 0 and math.isfinite(self.t_shift))):
             raise ValueError(f"t_std and t_shift must be > 0, got {self.t_std}, {self.t_shift}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
@@ -207,6 +233,23 @@ class DistillConfig:
             self.sparse = SparseConfig.from_dict(self.sparse)
         if not isinstance(self.sparse, SparseConfig):
             raise TypeError(f"sparse must be a SparseConfig, got {type(self.sparse).__name__}")
+        _check_data_fields(self)
+
+
+def _check_data_fields(cfg: DistillConfig) -> None:
+    """The data-source fields (latents, prompts, teacher sampling, expert)."""
+    from .families import EXPERTS
+
+    if cfg.latents is not None and cfg.prompts is not None:
+        raise ValueError("latents and prompts are two data sources: give one (--latents or --prompts)")
+    for name in ("teacher_steps", "teacher_batch_size", "height", "width", "num_frames"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if cfg.guidance is not None and not (cfg.guidance >= 0 and math.isfinite(cfg.guidance)):
+        raise ValueError(f"guidance must be a finite number >= 0, got {cfg.guidance}")
+    if cfg.expert is not None and cfg.expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {EXPERTS}, got {cfg.expert!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,28 +279,32 @@ def distill_loss(
     t: torch.Tensor,
     diffusion_weight: float = 0.0,
     distill_weight: float = 1.0,
+    family=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Velocity-distillation loss of one (micro-)batch.
 
-    x0, noise: (B, C, T, H, W); cond_embeds: (B, L, D); t: (B,) in (0, 1).
+    x0, noise: (B, C, T, H, W); cond_embeds: (B, L, D) or a dict of condition tensors; t: (B,) in (0, 1).
+    ``family`` (:mod:`vidsparse.training.families`) gives x_t, the diffusion target and how the
+    transformer is called; None = rectified flow with a Wan-style call (the tiny model).
     Returns ``(loss, vd)``: the optimised float32 scalar ``distill_weight * vd + diffusion_weight * fm``
     and the pure distillation term ``vd = mean((v_student - v_teacher)^2)`` (detached; NaN when
     ``distill_weight`` is 0, in which case the teacher is not run and may be None).
     """
+    family = family if family is not None else WanFamily()
     cond = cond_embeds if isinstance(cond_embeds, dict) else {"encoder_hidden_states": cond_embeds}
-    x_t = noisy_sample(x0, noise, t)
-    v_student = velocity(student, x_t, t, cond).float()
+    x_t = family.noisy(x0, noise, t)
+    v_student = family.forward(student, x_t, t, cond).float()
     loss = v_student.new_zeros(())
     if distill_weight:
         with torch.no_grad():
-            v_teacher = velocity(teacher, x_t, t, cond).float()
+            v_teacher = family.forward(teacher, x_t, t, cond).float()
         vd = F.mse_loss(v_student, v_teacher)
         loss = loss + distill_weight * vd
         vd = vd.detach()
     else:
         vd = v_student.new_full((), float("nan"))
     if diffusion_weight:
-        loss = loss + diffusion_weight * F.mse_loss(v_student, velocity_target(x0, noise).float())
+        loss = loss + diffusion_weight * F.mse_loss(v_student, family.target(x0, noise, t).float())
     return loss, vd
 
 
@@ -288,9 +335,107 @@ def load_source(spec: str, **kwargs) -> DataSource:
     return cls(**kwargs)
 
 
+def check_data(cfg: DistillConfig):
+    """Check ``--model``, ``--latents``, ``--prompts`` and ``--expert`` together, reading only JSON
+    files, safetensors headers and the prompts; nothing is loaded or sampled.
+
+    Returns ``(spec, prompts)`` (a :class:`~vidsparse.training.families.ModelSpec` and the prompts
+    or None) for a latents / prompts run, None for the default source.
+
+    Raises:
+        ValueError: one line naming the flag at fault and what differs.
+    """
+    from .families import resolve_model
+    from .latents import LatentsSource, read_manifest
+    from .prompts import read_prompts, teacher_plan
+
+    flag = "--latents" if cfg.latents is not None else "--prompts" if cfg.prompts is not None else None
+    if flag is None:
+        if cfg.expert is not None:
+            raise ValueError("--expert picks a Wan 2.2 expert: it needs --latents or --prompts with a pipeline --model")
+        if cfg.model is not None and cfg.source == DEFAULT_SOURCE:
+            _check_fits_shapes(Path(cfg.model))
+        return None
+    if cfg.model is None:
+        raise ValueError(f"{flag} needs --model: the pipeline folder (or, with --latents, the transformer folder) to distil")
+    manifest = read_manifest(cfg.latents) if cfg.latents is not None else None
+    prompts = read_prompts(cfg.prompts) if cfg.prompts is not None else None
+    spec = resolve_model(cfg.model, expert=cfg.expert, manifest=manifest, guidance=cfg.guidance)
+    if manifest is not None:
+        LatentsSource(cfg.latents, family=spec.family).check(spec.transformer_config, spec.family)
+    else:
+        teacher_plan(spec, prompts, _teacher_settings(cfg, torch.device("cpu")))
+    return spec, prompts
+
+
+def _check_fits_shapes(where: Path) -> None:
+    """A --model folder without --latents / --prompts must be the tiny pixel-space model."""
+    if (where / "model_index.json").is_file():
+        raise ValueError(f"--model {where} is a pipeline folder: give its training data, --latents LATENTS "
+                         "(from `vidsparse encode`) or --prompts FILE (the teacher samples them)")
+    try:
+        config = json.loads((where / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # _load_model says what is missing
+    if config.get("_class_name") != "WanTransformer3DModel" or config.get("in_channels") != 3:
+        raise ValueError(f"--model {where}: a transformer folder needs --latents (VAE latents and text embeddings, "
+                         "e.g. from `vidsparse encode`); the built-in shapes clips fit only the tiny pixel-space Wan model")
+
+
+def _teacher_settings(cfg: DistillConfig, device: torch.device):
+    from .prompts import TeacherSettings
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return TeacherSettings(steps=cfg.teacher_steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
+                           num_frames=cfg.num_frames, seed=cfg.seed, batch_size=cfg.teacher_batch_size,
+                           dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def make_source(cfg: DistillConfig, device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1):
+    """The run's :class:`DataSource`: a :class:`~vidsparse.training.latents.LatentsSource` over
+    ``cfg.latents`` or over the teacher's cache of ``cfg.prompts`` (sampled first if missing; under
+    DDP every rank samples its share), else ``cfg.source`` (the tiny shapes clips).
+
+    The latents source carries the model's family (``source.family``): its conventions, and which
+    transformer of a pipeline folder is trained.
+    """
+    checked = check_data(cfg)
+    if checked is None:
+        return load_source(cfg.source, split=cfg.data, frames=cfg.frames, size=cfg.size, seed=cfg.seed)
+    from .latents import LatentsSource
+    from .prompts import teacher_cache
+
+    spec, prompts = checked
+    folder, flag = cfg.latents, "--latents"
+    if prompts is not None:
+        folder = teacher_cache(spec, prompts, _teacher_settings(cfg, device), cache_root=cfg.cache, device=device,
+                               rank=rank, world=world, progress=cfg.progress)
+        flag = "--prompts"
+    source = LatentsSource(folder, seed=cfg.seed, family=spec.family, flag=flag)
+    if spec.family.guidance is None:  # HunyuanVideo trains at the guidance its data were sampled with
+        spec.family.guidance = source.manifest.get("guidance")
+    return source
+
+
+def _data_desc(cfg: DistillConfig) -> str:
+    expert = f" (expert {cfg.expert})" if cfg.expert else ""
+    if cfg.latents is not None:
+        return f"--latents {cfg.latents}{expert}"
+    if cfg.prompts is not None:
+        return f"teacher samples of --prompts {cfg.prompts}{expert}"
+    return f"split {cfg.data!r}"
+
+
 def _load_model(path: str | None, source) -> torch.nn.Module:
-    """The model to distil, in float32 on the CPU; errors name ``--model`` and the path."""
+    """The model to distil, in float32 on the CPU; errors name ``--model`` and the path.
+
+    Of a pipeline folder, the transformer the source's family trains (``transformer``, or
+    ``transformer_2`` for Wan 2.2's low-noise expert).
+    """
     where = Path(path) if path is not None else Path(source.default_model_dir())
+    if (where / "model_index.json").is_file():
+        family = getattr(source, "family", None)
+        where = where / (family.component if family is not None else "transformer")
     config = where / "config.json"
     if not config.is_file() or not any(where.glob("*.safetensors")):
         raise FileNotFoundError(f"--model {where}: no diffusers checkpoint there (expected config.json and *.safetensors)")
@@ -361,20 +506,28 @@ def _arch(model: torch.nn.Module) -> dict[str, Any]:
     return jsonable({k: v for k, v in dict(model.config).items() if not k.startswith("_")})
 
 
+def _family_of(source, teacher, fwd):
+    """The conventions the run uses: the source's family (from a pipeline), else the model class's."""
+    family = getattr(source, "family", None)
+    return family if family is not None else family_for_model(teacher if teacher is not None else fwd)
+
+
 def _make_backward(cfg: DistillConfig, fwd, teacher, source, device, rank: int, world: int):
     """The loop's per-step callable: global batch drawn identically on every rank, then sliced."""
     local_bs = cfg.batch_size // world
     micro_bs = local_bs // cfg.grad_accum
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     ddp = world > 1
+    family = _family_of(source, teacher, fwd)
+    shift = cfg.t_shift if cfg.t_shift is not None else family.shift
 
     def backward(step: int) -> dict[str, torch.Tensor]:
         g = torch.Generator(device=device).manual_seed(hash_seed(cfg.seed, _STREAM_DISTILL, step))
         lo = rank * local_bs
         x0, cond = source.batch(step * cfg.batch_size + lo, local_bs, device)
         noise_all = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)
-        t_all = sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std,
-                                 shift=cfg.t_shift, generator=g, device=device)
+        t_all = family.restrict(sample_timesteps(cfg.batch_size, mode=cfg.timesteps, mean=cfg.t_mean, std=cfg.t_std,
+                                                 shift=shift, generator=g, device=device))
         noise, t = noise_all[lo : lo + local_bs], t_all[lo : lo + local_bs]
         total, vd_total = torch.zeros((), device=device), torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
@@ -384,7 +537,7 @@ def _make_backward(cfg: DistillConfig, fwd, teacher, source, device, rank: int, 
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, vd = distill_loss(fwd, teacher, x0[sl], {k: v[sl] for k, v in cond.items()}, noise[sl],
-                                            t[sl], cfg.diffusion_weight, cfg.distill_weight)
+                                            t[sl], cfg.diffusion_weight, cfg.distill_weight, family=family)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             vd_total += vd / cfg.grad_accum
@@ -425,7 +578,7 @@ def _run(cfg: DistillConfig, model, source, keep_student: bool):
         raise ValueError(f"batch_size={cfg.batch_size} must be a positive multiple of world_size * grad_accum = {world} * {cfg.grad_accum}")
     out = prepare_out(cfg.out, cfg.resume) if rank == 0 else Path(cfg.out)
     if source is None:
-        source = load_source(cfg.source, split=cfg.data, frames=cfg.frames, size=cfg.size, seed=cfg.seed)
+        source = make_source(cfg, device, rank, world)
     student, teacher, trainable, grid = _build_student(cfg, model, source, device)
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
@@ -467,7 +620,7 @@ def _print_start(cfg, student, teacher, trainable, grid, device, world) -> None:
           f"{what}), {math.prod(grid)} tokens, {cfg.sparse.describe()}\n"
           f"device {device} x{world}, {'bf16 autocast' if bf16 else 'fp32'}"
           f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}, global batch {cfg.batch_size} "
-          f"(accum {cfg.grad_accum}), loss {loss_desc}, data split {cfg.data!r}, steps ->{cfg.steps}", file=sys.stderr)
+          f"(accum {cfg.grad_accum}), loss {loss_desc}, data {_data_desc(cfg)}, steps ->{cfg.steps}", file=sys.stderr)
 
 
 def _finish(cfg, result, student, teacher, grid, world, keep_student):

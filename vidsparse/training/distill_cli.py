@@ -15,7 +15,8 @@ import sys
 from typing import Sequence
 
 from ..cli_options import add_mask_arguments, float_in, int_at_least, sparse_config_from_args
-from .distill import PRECISIONS, DistillConfig, distill
+from .distill import PRECISIONS, DistillConfig, check_data, distill
+from .families import EXPERTS
 from .flow import TIMESTEP_SAMPLING
 from .lora import LORA_TARGETS, TRAINABLE
 
@@ -51,7 +52,8 @@ def _add_training_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> Non
     p.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps)
     p.add_argument("--t-mean", type=float_in(), default=d.t_mean, help="logit-normal mean")
     p.add_argument("--t-std", type=_POSITIVE, default=d.t_std, help="logit-normal std")
-    p.add_argument("--t-shift", type=_POSITIVE, default=d.t_shift)
+    p.add_argument("--t-shift", type=_POSITIVE, default=d.t_shift,
+                   help="warp of the training times; %(default)s = the pipeline scheduler's shift (flow models), else 1")
     p.add_argument("--trainable", choices=TRAINABLE, default=d.trainable,
                    help="all parameters, the attention modules only, or LoRA adapters (needs peft)")
     p.add_argument("--lora-rank", type=int_at_least(1), default=d.lora_rank, help="LoRA rank r (--trainable lora)")
@@ -61,10 +63,29 @@ def _add_training_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> Non
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass (less memory)")
 
 
+def _add_data_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> None:
+    g = p.add_argument_group("data (default: the tiny model's shapes clips)")
+    g.add_argument("--latents", default=None, help="latents folder written by `vidsparse encode` (or a --prompts cache)")
+    g.add_argument("--prompts", default=None,
+                   help='prompts file (one per line, or JSON lines {"prompt": ...}): the dense teacher pipeline samples '
+                        "the clean latents once, cached under --cache")
+    g.add_argument("--expert", choices=EXPERTS, default=None,
+                   help="Wan 2.2: distil the high-noise transformer or the low-noise transformer_2; %(default)s = high")
+    g.add_argument("--teacher-steps", type=int_at_least(1), default=d.teacher_steps, help="--prompts: sampling steps")
+    g.add_argument("--teacher-batch-size", type=int_at_least(1), default=d.teacher_batch_size,
+                   help="--prompts: prompts per pipeline call")
+    g.add_argument("--guidance", type=_NONNEG, default=d.guidance,
+                   help="--prompts: guidance scale, %(default)s = the pipeline's (HunyuanVideo also trains with it)")
+    g.add_argument("--height", type=int_at_least(1), default=None, help="--prompts: sample height, %(default)s = the pipeline's")
+    g.add_argument("--width", type=int_at_least(1), default=None, help="--prompts: sample width, %(default)s = the pipeline's")
+    g.add_argument("--num-frames", type=int_at_least(1), default=None, help="--prompts: frames (4k + 1), %(default)s = the pipeline's")
+    g.add_argument("--cache", default=None, help="--prompts: cache root, %(default)s = $VIDSPARSE_CACHE or ~/.cache/vidsparse")
+    g.add_argument("--data", choices=("train", "shifted"), default=d.data, help="shapes clips: the split that builds x_0")
+    g.add_argument("--frames", type=int_at_least(1), default=d.frames, help="shapes clips: frames")
+    g.add_argument("--size", type=int_at_least(1), default=d.size, help="shapes clips: height and width")
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> None:
-    p.add_argument("--data", choices=("train", "shifted"), default=d.data, help="the split whose clips build x_0")
-    p.add_argument("--frames", type=int_at_least(1), default=d.frames)
-    p.add_argument("--size", type=int_at_least(1), default=d.size)
     p.add_argument("--seed", type=_seed, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
@@ -83,10 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Velocity-distillation fine-tuning of a sparse-attention student against its dense teacher.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="diffusers Wan checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--model", default=None,
+                   help="diffusers pipeline folder (Wan 2.1/2.2, CogVideoX, HunyuanVideo; with --latents or --prompts), "
+                        "or a transformer folder (with --latents); default: the embedded tiny model")
     p.add_argument("--out", required=True, help="output directory (checkpoints, log, final student)")
     _add_training_arguments(p, d)
     add_mask_arguments(p, d.sparse, title="student's sparse attention")
+    _add_data_arguments(p, d)
     _add_run_arguments(p, d)
     return p
 
@@ -95,17 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
 _FIELDS = ("model", "out", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
            "grad_clip", "distill_weight", "diffusion_weight", "timesteps", "t_mean", "t_std", "t_shift", "trainable",
            "lora_rank", "lora_alpha", "lora_targets", "gradient_checkpointing", "data", "frames", "size", "seed",
-           "device", "precision", "ckpt_every", "log_every", "resume", "time_limit_min")
+           "device", "precision", "ckpt_every", "log_every", "resume", "time_limit_min", "latents", "prompts",
+           "expert", "teacher_steps", "teacher_batch_size", "guidance", "height", "width", "num_frames", "cache")
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str | None = None) -> DistillConfig:
-    """The run's :class:`DistillConfig`; a refused value is a ``parser.error`` (exit code 2)."""
+    """The run's :class:`DistillConfig`; a refused value is a ``parser.error`` (exit code 2).
+
+    The data flags are checked together with ``--model`` (:func:`check_data`: JSON files,
+    safetensors headers and the prompts only), so a mismatch stops before any work.
+    """
     sparse = sparse_config_from_args(args, parser)
     try:
-        return DistillConfig(**{k: getattr(args, k) for k in _FIELDS}, sparse=sparse, export=not args.no_export,
-                             progress=not args.no_progress, command=command)
+        cfg = DistillConfig(**{k: getattr(args, k) for k in _FIELDS}, sparse=sparse, export=not args.no_export,
+                            progress=not args.no_progress, command=command)
+        check_data(cfg)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+    return cfg
 
 
 def _prog() -> str:
