@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
