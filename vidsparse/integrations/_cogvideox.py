@@ -6,6 +6,9 @@ video part are the stock processors' computation; only the ``scaled_dot_product_
 is replaced by block-sparse attention in which text tokens are always kept (see
 ``vidsparse.integrations._core``). Calls with an ``attention_mask`` or during dense warm-up go to
 ``super().__call__``.
+
+Context parallelism: diffusers 0.42 defines no ``_cp_plan`` for this model (and its processors take
+no ``_parallel_config``); the patched model's forward pre-hook refuses a model with one.
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class RunState:
         self.grid: tuple[int, int, int] | None = None
         self.forwards = 0
         self._key_lens = (None, None)
+        self.routes: dict = {}  # context parallelism: exchange tables of grid-only token orders (all layers)
 
     def reset_steps(self) -> None:
         """Forget the step count: the next forward starts a new generation at step 0."""
@@ -150,17 +151,22 @@ class SparseLayer:
             self.masker_state["layer"] = layer
         self._options = {"cpu": options}
 
-    def options_on(self, device) -> dict:
-        """The options with per-head tensors moved to ``device`` (once per device)."""
-        key = str(device)
+    def options_on(self, device, heads: tuple[int, int] | None = None) -> dict:
+        """The options with per-head tensors moved to ``device`` (once per device).
+
+        ``heads``: (first, last + 1) of the heads this call attends (a Ulysses rank's share under
+        context parallelism); per-head (H,) tensors are sliced to them.
+        """
+        key = str(device) if heads is None else (str(device), heads)
         if key not in self._options:
             cpu = self._options["cpu"]
             if not any(isinstance(v, torch.Tensor) for v in cpu.values()):
                 # nothing to move, and no new cache entry: a compiled first call that added one
                 # would fail its own guard on this dict at the next call (one recompilation)
                 return cpu
-            mv = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
-            self._options[key] = {k: mv(v) for k, v in self._options["cpu"].items()}
+            span = slice(None) if heads is None else slice(*heads)
+            mv = lambda x: x[span].to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+            self._options[key] = {k: mv(v) for k, v in cpu.items()}
         return self._options[key]
 
     def dense_now(self) -> bool:
@@ -187,10 +193,20 @@ class SparseLayer:
             "generation": st.generation, "timestep": st.timestep, "dense": dense,
         }
 
-    def plan(self, q_video: torch.Tensor, k_video: torch.Tensor):
-        """The masker's plan for the video tokens, (B, N, H, D) in the model's order."""
+    def record(self, fields: dict, marks) -> None:
+        """Append a statistics record of a sparse call (``marks``: the Timer marks of its phases)."""
+        self.state.stats._append(self._base_record(dense=False) | fields, marks=marks)
+
+    def notify(self, info: dict, plan) -> None:
+        """Hand a sparse call's plan to the mask callback, if one is set."""
+        if self.state.mask_callback is not None:
+            self.state.mask_callback(self._base_record(dense=False) | info, plan)
+
+    def plan(self, q_video: torch.Tensor, k_video: torch.Tensor, heads: tuple[int, int] | None = None):
+        """The masker's plan for the video tokens, (B, N, H, D) in the model's order (``heads``: as
+        in :meth:`options_on`)."""
         cfg, grid = self.state.config, self.state.grid
-        options = self.options_on(q_video.device)
+        options = self.options_on(q_video.device, heads)
         if grid is None and self.masker.grid_needed(options):
             raise RuntimeError(
                 f"vidsparse: the {cfg.method!r} masker with these options needs the latent grid, which the "
@@ -215,6 +231,8 @@ class SparseLayer:
         n_text: int = 0,
         text_first: bool = False,
         key_len: int | None = None,
+        heads: tuple[int, int] | None = None,
+        extra: dict | None = None,
     ) -> torch.Tensor:
         """Block-sparse self-attention in the model's token order.
 
@@ -225,6 +243,9 @@ class SparseLayer:
             text_first: the model's order is [text; video].
             key_len: attend only the first ``key_len`` keys (drops padded text keys, which come
                 last in the model's order); default all S.
+            heads: (first, last + 1) of the model's heads that q, k, v hold (a Ulysses rank's
+                share under context parallelism, see ``context_parallel``); default all.
+            extra: fields added to the statistics record and the callback's info.
         Returns:
             o: (B, S, H, D) in q's dtype, in the model's token order.
         """
@@ -238,24 +259,23 @@ class SparseLayer:
 
         timer = Timer(q.device) if cfg.collect_stats else None
         m0 = timer.mark() if timer else None
-        video_plan = self.plan(q[:, video], k[:, video])
+        video_plan = self.plan(q[:, video], k[:, video], heads)
         plan = append_dense_tokens(video_plan, n_text, extra_first=text_first, k_len=k_len)
         m1 = timer.mark() if timer else None
         o = block_sparse_attention(q, k, v, plan, layout="bnhd", backend=cfg.backend)
+        extra = extra or {}
         if timer:
             m2 = timer.mark()
-            rec = self._base_record(dense=False) | {
+            self.record(extra | {
                 "batch": b, "heads": h, "q_len": s, "k_len": k_len, "n_video": n_video, "n_text": n_text,
                 "block_q": cfg.block_q, "block_k": cfg.block_k,
                 "sparsity": 1.0 - plan.mask.dense.float().mean(),
                 "video_sparsity": 1.0 - video_plan.mask.dense.float().mean(),
                 "head_sparsity": 1.0 - plan.mask.dense.float().mean(dim=(0, 2, 3)),
-            }
-            st.stats._append(rec, marks=(m0, m1, m2))
+            }, (m0, m1, m2))
         if st.mask_callback is not None:
-            info = self._base_record(dense=False) | {
+            self.notify(extra | {
                 "n_video": n_video, "n_text": n_text, "text_first": text_first, "q_len": s, "k_len": k_len,
                 "video_plan": video_plan,
-            }
-            st.mask_callback(info, plan)
+            }, plan)
         return o

@@ -9,6 +9,9 @@ video part are the stock ``HunyuanVideoAttnProcessor2_0``'s computation; the att
 replaced by block-sparse attention with text always kept, and the padded text keys are dropped
 instead of masked (exact; see ``vidsparse.integrations._core``). Calls without text, with a mask
 that is not a prefix key-padding mask, or during dense warm-up go to ``super().__call__``.
+
+Context parallelism: diffusers 0.42 defines no ``_cp_plan`` for this model, so a processor that
+diffusers hands a ``_parallel_config`` (the caller's own ``cp_plan``) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        reject_context_parallel(self, "HunyuanVideoTransformer3DModel")
         layer = self.vidsparse_layer
         if encoder_hidden_states is None or layer.dense_now():
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -59,7 +63,6 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
                 stacklevel=2,
             )
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        reject_context_parallel(self)
 
         single_stream = attn.add_q_proj is None
         if single_stream:

@@ -4,6 +4,11 @@ Installed on each block's ``attn1`` only. Everything up to the attention call (f
 QKV projections, RMSNorm across heads, interleaved RoPE) and after it (output projection and
 dropout) is the stock ``WanAttnProcessor``'s computation; calls that are not plain video
 self-attention (cross-attention, an attention mask, dense warm-up) go to ``super().__call__``.
+
+Under diffusers' context parallelism (``transformer.enable_parallelism``) the processor receives
+its rank's chunk of the video tokens and ``context_parallel.attend_parallel`` does the Ulysses or
+ring exchange with the mesh diffusers hands it in ``_parallel_config``; dense warm-up calls go to
+the stock processor under Ulysses alone and run vidsparse's ring with every block kept under ring.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ except ImportError as exc:  # pragma: no cover - only on an unsupported diffuser
         "vidsparse's Wan processor needs diffusers 0.42.x (transformer_wan._get_qkv_projections)"
     ) from exc
 
+from . import context_parallel
 from ._core import SparseLayer
-from ._processor import adopt_backend_settings, reject_context_parallel
+from ._processor import adopt_backend_settings
 
 __all__ = ["WanSparseAttnProcessor"]
 
@@ -62,14 +68,12 @@ class WanSparseAttnProcessor(WanAttnProcessor):
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         layer = self.vidsparse_layer
-        if (
-            encoder_hidden_states is not None
-            or attention_mask is not None
-            or attn.add_k_proj is not None
-            or layer.dense_now()
-        ):
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        reject_context_parallel(self)
+        topo = context_parallel.topology(self._parallel_config)
+        dense = layer.dense_now()
+        if dense and (topo is None or topo.ring.size == 1):  # stock: diffusers' own Ulysses under CP
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query)
@@ -81,7 +85,10 @@ class WanSparseAttnProcessor(WanAttnProcessor):
             query = _rope_interleaved(query, *rotary_emb)
             key = _rope_interleaved(key, *rotary_emb)
 
-        hidden_states = layer.attend(query, key, value)
+        if topo is None:
+            hidden_states = layer.attend(query, key, value)
+        else:
+            hidden_states = context_parallel.attend_parallel(layer, query, key, value, topo, dense=dense)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -61,6 +61,8 @@ from ..plan import MaskPlan  # noqa: E402
 from ._cogvideox import CogVideoXSparseAttnProcessor, FusedCogVideoXSparseAttnProcessor  # noqa: E402
 from ._core import RunState, SparseLayer  # noqa: E402
 from ._hunyuan_video import HunyuanVideoSparseAttnProcessor  # noqa: E402
+from ._processor import adopt_backend_settings  # noqa: E402
+from .context_parallel import check_model as check_context_parallel  # noqa: E402
 from ._wan import WanSparseAttnProcessor  # noqa: E402
 from .sparse_stats import SparseStats  # noqa: E402
 
@@ -201,6 +203,7 @@ class _PreHook:
         hs = bound.get("hidden_states")
         arch = next(a for a in _ARCHS if a.name == self.arch_name)
         grid = arch.grid(module, hs) if isinstance(hs, torch.Tensor) and hs.dim() == 5 else None
+        check_context_parallel(self.arch_name, module, grid, self.patch.state.config)
         self.patch.state.begin_forward(bound.get("timestep"), grid)
         return None
 
@@ -336,6 +339,7 @@ def unpatch(target) -> SparseStats:
                     stacklevel=2,
                 )
                 continue
+            adopt_backend_settings(original, installed)  # e.g. enable_parallelism called while patched
             attn.set_processor(original)
         if plan.state not in states:
             states.append(plan.state)
