@@ -431,3 +431,49 @@ def test_distill_loss_uses_the_family_target(work):
     expected = torch.nn.functional.mse_loss(v, pipe.scheduler.get_velocity(x0, noise, family.timestep(t)))
     assert torch.isnan(vd) and float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # everything above ran offline
+
+
+
+def test_teacher_cache_sampled_by_two_ranks_equals_one_process(work, tmp_path, monkeypatch):
+    """Two ranks (threads meeting at a barrier in place of the process group) share the sampling."""
+    import threading
+
+    from diffusers import DiffusionPipeline
+
+    from vidsparse.training import prompts as prompts_module
+    from vidsparse.training.prompts import TeacherSettings, teacher_cache
+
+    spec = resolve_model(work["pipes"]["wan"])
+    settings = TeacherSettings(steps=2, height=HEIGHT, width=WIDTH, num_frames=NUM_FRAMES)
+    barrier, errors, lock = threading.Barrier(2, timeout=60), [], threading.Lock()
+    monkeypatch.setattr(prompts_module, "_barrier", lambda world: barrier.wait())
+    load = DiffusionPipeline.from_pretrained.__func__
+
+    def load_one_at_a_time(cls, *args, **kwargs):  # from_pretrained is not thread-safe (separate processes in real use)
+        with lock:
+            return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(load_one_at_a_time))
+
+    def rank(r):
+        try:
+            teacher_cache(spec, PROMPTS[:3], settings, cache_root=tmp_path / "two", rank=r, world=2, progress=False,
+                          shard_size=1)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    monkeypatch.undo()
+    one = teacher_cache(spec, PROMPTS[:3], settings, cache_root=tmp_path / "one", progress=False, shard_size=1)
+    [two] = (tmp_path / "two").iterdir()
+    assert two.name == one.name and json.loads((two / "manifest.json").read_text())["count"] == 3
+    a, b = LatentsSource(one), LatentsSource(two)
+    for i in range(3):
+        for k, v in a.item(i).items():
+            assert torch.equal(v, b.item(i)[k]), (i, k)

@@ -146,7 +146,13 @@ def teacher_cache(spec: ModelSpec, prompts: list[str], settings: TeacherSettings
     header = {"family": spec.family.name, "transformer_class": spec.transformer_config["_class_name"], "made": made,
               "scheduler": spec.family.scheduler_config, "boundary_ratio": spec.boundary_ratio,
               "guidance": made["guidance"]}
-    writer = LatentsWriter(folder, header, num_inputs=len(prompts), shard_size=shard_size, flag="--cache")
+
+    def open_writer():
+        return LatentsWriter(folder, header, num_inputs=len(prompts), shard_size=shard_size, flag="--cache")
+
+    writer = open_writer() if rank == 0 else None  # rank 0 creates the folder and its manifest first
+    _barrier(world)
+    writer = writer or open_writer()
     mine = [k for k in writer.pending() if k % world == rank]
     if mine:
         _sample_shards(spec, prompts, made, writer, mine, settings, device, progress and rank == 0)
