@@ -168,6 +168,28 @@ def test_models_without_a_cp_plan_are_refused():
         model(hidden_states=x, encoder_hidden_states=ehs, timestep=torch.tensor([500]))
 
 
+def test_hunyuan_processor_handed_a_parallel_config_is_refused():
+    # what enable_parallelism does with a caller's own cp_plan: every processor gets the config
+    from diffusers import HunyuanVideoTransformer3DModel
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    torch.manual_seed(2)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=False, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    vidsparse.patch(model, SparseConfig(**SMALL))
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    for block in (model.transformer_blocks[0], model.single_transformer_blocks[0]):
+        block.attn.processor._parallel_config = config
+    inputs = dict(hidden_states=torch.randn(1, 4, 5, 16, 16), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 7, 32), encoder_attention_mask=torch.ones(1, 7, dtype=torch.bool),
+                  pooled_projections=torch.randn(1, 16))
+    with pytest.raises(NotImplementedError, match="no context-parallel plan .* for HunyuanVideoTransformer3DModel"):
+        model(**inputs)
+
+
 # ------------------------------------------------------------------------------- spawned runs
 def _configs(heads: int) -> dict[str, SparseConfig]:
     """One config per registered masker (really sparse on the tiny model), and the variants."""
@@ -276,6 +298,18 @@ def _patch_before_enable(cp_config) -> dict:
     return {"sparse": (sparse - ref).abs().max().item(), "stock_after_unpatch": (back - stock).abs().max().item()}
 
 
+def _ring_refuses_gradients(cp_config) -> str:
+    """The ring runs forward only: a forward that needs gradients is refused (before any exchange)."""
+    m = _Model()
+    vidsparse.patch(m.model, SparseConfig(topk=0.3, topp=None, **SMALL))
+    m.model.enable_parallelism(config=cp_config)
+    try:
+        m.run(500.0)
+    except NotImplementedError as exc:
+        return str(exc)
+    return "no error"
+
+
 def _scenario_two(rank: int) -> dict:
     """Ulysses and ring on 2 processes: every masker, the variants, the "anything" modes."""
     from diffusers import ContextParallelConfig
@@ -289,6 +323,7 @@ def _scenario_two(rank: int) -> dict:
                                             ContextParallelConfig(ring_degree=2, ring_anything=True))
     out["ulysses_gradients"] = _ulysses_gradients(ContextParallelConfig(ulysses_degree=2))
     out["patch_before_enable"] = _patch_before_enable(ContextParallelConfig(ulysses_degree=2))
+    out["ring_gradients"] = _ring_refuses_gradients(ContextParallelConfig(ring_degree=2))
     return out
 
 
@@ -416,6 +451,7 @@ def test_two_processes_ulysses_and_ring_equal_one_process(tmp_path):
         assert res["ulysses_gradients"] <= TOL, "Ulysses parameter gradients differ from one process's"
         assert res["patch_before_enable"]["sparse"] <= TOL
         assert res["patch_before_enable"]["stock_after_unpatch"] <= TOL
+        assert "ring context parallelism runs forward only" in res["ring_gradients"]
 
 
 def test_four_processes_ulysses_and_ring_together(tmp_path):

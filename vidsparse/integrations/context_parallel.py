@@ -85,7 +85,7 @@ from .sparse_stats import Timer
 __all__ = [
     "Axis", "Topology", "topology", "check_model", "split_sizes", "attention_bounds",
     "sequence_to_heads", "heads_to_sequence", "Routes", "routes", "to_attention_order",
-    "to_caller_order", "merge_partial", "ring_attention", "hybrid_rows", "attend_parallel",
+    "to_caller_order", "merge_partial", "ring_attention", "chunk_masks", "hybrid_rows", "attend_parallel",
 ]
 
 
@@ -395,7 +395,7 @@ def ring_attention(q, k, v, lengths: list[int], chunk_mask, axis: Axis, backend:
     return o.to(q.dtype)
 
 
-def _chunk_masks(rows: torch.Tensor, bounds: list[int], q_len: int, block_q: int, block_k: int):
+def chunk_masks(rows: torch.Tensor, bounds: list[int], q_len: int, block_q: int, block_k: int):
     """j -> BlockMask of ``rows`` (B, H, NQB_r, NKB) over key chunk j, None when it keeps no block there."""
     spans = [(lo // block_k, num_blocks(hi, block_k)) for lo, hi in zip(bounds[:-1], bounds[1:])]
     kept = torch.stack([rows[..., a:z].any() for a, z in spans]).tolist()  # one host sync per call
@@ -582,7 +582,7 @@ def _ring(layer, q, k, v, topo: Topology, heads: tuple[int, int], dense: bool, e
         layout = _hybrid_layout if type(layer.masker) is HybridMasker else _plan_layout
         qa, ka, va, rows, rq, perms = layout(layer, q, k, v, heads, caller, bounds, ring)
         m1 = timer.mark() if timer else None
-        masks = _chunk_masks(rows, bounds, rq.length, cfg.block_q, cfg.block_k)
+        masks = chunk_masks(rows, bounds, rq.length, cfg.block_q, cfg.block_k)
         o = ring_attention(qa, ka, va, _lengths(bounds), masks, ring, cfg.backend)
         o = to_caller_order(o, rq, ring, q.shape[1])
     extra = extra | {"cp_queries": [bounds[ring.rank], bounds[ring.rank + 1]]}
