@@ -23,7 +23,9 @@ Each record is a dict with these keys:
 * ``video_sparsity``: the same for the hybrid mask of the video->video part alone;
 * ``head_sparsity``: list of H per-head block-level sparsities (``sparsity`` per head);
 * ``mask_ms``: mask prediction (pooling, softmax, selection, text composition), milliseconds;
-* ``attn_ms``: the block-sparse attention call, milliseconds.
+* ``attn_ms``: the block-sparse attention call, milliseconds;
+* under context parallelism, per rank: ``cp``, ``cp_rank``, ``cp_heads`` and (ring) ``cp_queries``
+  (see :mod:`vidsparse.integrations.context_parallel`).
 """
 
 from __future__ import annotations
