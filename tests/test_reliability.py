@@ -7,7 +7,9 @@ behind their back, tracebacks where a sentence is due, copies of a patched model
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import signal
 
 import pytest
 import torch
@@ -264,3 +266,183 @@ def test_bench_without_triton_names_the_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "triton.testing", None)
     with pytest.raises(SystemExit, match=r"pip install 'vidsparse\[triton\]'"):
         bench.main(["attention", "--sparsities", "0.5"])
+
+
+# ------------------------------------------------------------------ distillation runs (issue 16)
+# Each fault of issue 16's list, reproduced through distill() or `vidsparse distill` (the sharded
+# FSDP / DCP path: tests/test_distill_parallel.py).
+
+
+def _distill_helpers():
+    from test_distill import _cfg, _losses, _mini_model
+
+    return _cfg, _losses, _mini_model
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_distill_non_finite_gradient_stops_before_saving_and_keeps_the_last_checkpoint(tmp_path):
+    import json
+
+    from vidsparse.training.distill import distill
+    from vidsparse.training.loop import list_checkpoints
+
+    _cfg, _losses, _mini_model = _distill_helpers()
+    model = _mini_model()
+    model.proj_out.calls = 0
+
+    def poison(module, _inputs, output):  # the student's third forward on: NaN gradients, finite loss
+        module.calls += 1
+        return _NaNGradient.apply(output) if module.calls > 2 and torch.is_grad_enabled() else output
+
+    model.proj_out.register_forward_hook(poison)
+    with pytest.raises(FloatingPointError, match=r"non-finite grad_norm by step 3.*step-0000002\.pt"):
+        distill(_cfg(tmp_path, steps=6, keep_checkpoints=1), model=model)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002.pt"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert all(torch.isfinite(v).all() for v in torch.load(list_checkpoints(tmp_path)[0], weights_only=True)["model"].values())
+
+
+class _SignalAt:
+    """The shapes source, sending ``sig`` to this process when step ``step``'s batch is drawn."""
+
+    def __init__(self, step, sig, batch_size=4):
+        from vidsparse.tiny.source import ShapesSource
+
+        self.inner, self.index, self.sig = ShapesSource(frames=4, size=16), step * batch_size, sig
+
+    def bind(self, model):
+        return self.inner.bind(model)
+
+    def batch(self, index, count, device):
+        if index == self.index:
+            os.kill(os.getpid(), self.sig)
+        return self.inner.batch(index, count, device)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_distill_signal_writes_a_checkpoint_and_resumes_exactly(tmp_path, sig):
+    from vidsparse.training.distill import distill
+    from vidsparse.training.loop import list_checkpoints
+
+    _cfg, _losses, _mini_model = _distill_helpers()
+    distill(_cfg(tmp_path / "straight", steps=4), model=_mini_model())
+    with pytest.raises(KeyboardInterrupt, match=rf"{sig.name} at step 2: checkpoint .*step-0000002\.pt; resume with --resume"):
+        distill(_cfg(tmp_path / "run", steps=4, ckpt_every=100), model=_mini_model(), source=_SignalAt(1, sig))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000002.pt"]
+    assert not (tmp_path / "run" / "student").exists() and signal.getsignal(sig) is not None
+    distill(_cfg(tmp_path / "run", steps=4, resume="auto"), model=_mini_model())
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "truncated"])
+def test_distill_damaged_latest_checkpoint_falls_back_with_a_warning_naming_it(tmp_path, damage):
+    from vidsparse.training.distill import distill
+    from vidsparse.training.loop import list_checkpoints
+
+    _cfg, _losses, _mini_model = _distill_helpers()
+    distill(_cfg(tmp_path, steps=4), model=_mini_model())
+    latest = list_checkpoints(tmp_path)[-1]
+    expected, losses = torch.load(latest, weights_only=True)["model"], _losses(tmp_path)
+    data = bytearray(latest.read_bytes())
+    if damage == "overwritten":  # same size: torch.load reads it without complaint, the sha256 does not match
+        data[len(data) // 2: len(data) // 2 + 64] = os.urandom(64)
+    latest.write_bytes(bytes(data if damage == "overwritten" else data[: len(data) // 2]))
+    with pytest.warns(RuntimeWarning, match=rf"checkpoint {latest} is (damaged|unreadable).*falling back"):
+        distill(_cfg(tmp_path, steps=4, resume="auto"), model=_mini_model())
+    assert _losses(tmp_path) == losses
+    for k, v in torch.load(list_checkpoints(tmp_path)[-1], weights_only=True)["model"].items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_distill_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    from vidsparse.training.distill import distill
+
+    _cfg, _losses, _mini_model = _distill_helpers()
+    distill(_cfg(tmp_path / "straight", steps=4), model=_mini_model())
+    distill(_cfg(tmp_path / "run", steps=2), model=_mini_model())
+    with (tmp_path / "run" / "log.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # a crash mid-write
+    with pytest.warns(RuntimeWarning, match="torn last line"):
+        distill(_cfg(tmp_path / "run", steps=4, resume="auto"), model=_mini_model())
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
+
+
+def _distill_cli_args(tmp_path):
+    _cfg, _losses, _mini_model = _distill_helpers()
+    model_dir = tmp_path / "model"
+    if not model_dir.exists():
+        _mini_model().save_pretrained(model_dir, safe_serialization=True)
+    return ["--model", str(model_dir), "--steps", "2", "--batch-size", "2", "--timesteps", "uniform", "--topk", "0.25",
+            "--topp", "none", "--block-q", "16", "--block-k", "16", "--backend", "reference", "--frames", "4",
+            "--size", "16", "--ckpt-every", "2", "--device", "cpu", "--no-progress", "--no-export"]
+
+
+def test_cli_refuses_an_out_holding_a_run_without_resume_saying_what_is_there(tmp_path, capsys):
+    from vidsparse.cli import main
+
+    args = ["distill", *_distill_cli_args(tmp_path), "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    log = (tmp_path / "out" / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "vidsparse distill: error: --out" in err and "already holds a run (1 checkpoint(s), latest step-0000002.pt)" in err
+    assert "--resume" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "log.jsonl").read_text() == log  # untouched
+
+
+def test_cli_refuses_an_unwritable_out_before_any_work(tmp_path, capsys):
+    from vidsparse.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["distill", *_distill_cli_args(tmp_path), "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"vidsparse distill: error: --out {blocker / 'run'} is not writable" in err
+    assert "distill: 0." not in err  # the start line: no model was built
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--grad-clip", "--t-mean", "--t-std", "--t-shift",
+                                  "--lora-alpha", "--distill-weight", "--diffusion-weight", "--min-lr-ratio",
+                                  "--time-limit-min"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_cli_numeric_flags_refuse_non_finite_values(tmp_path, capsys, flag, value):
+    from vidsparse.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--out", str(tmp_path / "never"), f"{flag}={value}"])  # "-inf" would read as a flag
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}" in err and "finite" in err, err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "grad_clip", "t_mean", "t_std", "t_shift", "min_lr_ratio",
+                                   "lora_alpha", "distill_weight", "time_limit_min"])
+def test_distill_config_refuses_non_finite_numbers_naming_the_field(field):
+    from vidsparse.training.distill import DistillConfig
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=field):
+            DistillConfig(out="unused", **{field: value})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(t_shift=0.0), "t_shift"), (dict(betas=(0.9, 1.0)), "betas"),
+    (dict(lora_save="adapter"), "trainable='lora'"), (dict(parallel="zero3"), "parallel"),
+])
+def test_distill_config_refuses_out_of_range_values(changes, message):
+    from vidsparse.training.distill import DistillConfig
+
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(out="unused", **changes)

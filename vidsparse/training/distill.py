@@ -50,6 +50,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -62,8 +63,9 @@ from ..utils import hash_seed, jsonable, resolve_device
 from .families import WanFamily, family_for_model
 from .flow import TIMESTEP_SAMPLING, sample_timesteps
 from .loop import LoopConfig, dist_info, prepare_out, train_loop
-from .lora import LORA_TARGETS, TRAINABLE, add_lora, merged_state_dict, select_trainable
+from .lora import LORA_SAVE, LORA_TARGETS, TRAINABLE, add_lora, merged_state_dict, save_adapter, select_trainable
 from .optim import make_optimizer, make_scheduler
+from .parallel import PARALLEL, full_state_dict, no_grad_sync, shard_model, unwrapped_class
 
 __all__ = [
     "DataSource",
@@ -116,6 +118,12 @@ class DistillConfig:
         lora_targets: "attention" (to_q, to_k, to_v, to_out.0 of attn1 and attn2) or
             "attention+ffn" (also the two FFN projections).
         gradient_checkpointing: recompute every transformer block in the backward pass.
+        lora_save: how the final LoRA student is saved: "merged" (adapters folded into a plain
+            diffusers checkpoint) or "adapter" (peft's adapter_config.json +
+            adapter_model.safetensors, to load onto the base model).
+        parallel: "ddp" (a full replica per rank, gradients all-reduced; one process: no
+            wrapper) or "fsdp" (FSDP2 ``fully_shard`` per block and root, bf16 compute copies
+            when bf16 is on, checkpoints sharded with torch.distributed.checkpoint).
         sparse: the student's :class:`vidsparse.SparseConfig` (masker, options, blocks, backend;
             default ``SparseConfig()``, hybrid Top-k 0.03 + Top-p 0.2); a dict from
             :meth:`SparseConfig.to_dict` is accepted. Saved beside the exported student as
@@ -164,6 +172,8 @@ class DistillConfig:
     lora_alpha: float | None = None
     lora_targets: str = "attention"
     gradient_checkpointing: bool = False
+    lora_save: str = "merged"
+    parallel: str = "ddp"
     sparse: SparseConfig = field(default_factory=SparseConfig)
     data: str = "train"
     source: str = DEFAULT_SOURCE
@@ -198,6 +208,9 @@ class DistillConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "t_mean", "t_std", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -210,11 +223,17 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if self.distill_weight == 0 and self.diffusion_weight == 0:
             raise ValueError("distill_weight and diffusion_weight are both 0: nothing to train")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise ValueError(f"lora_alpha must be > 0 (or None for lora_rank), got {self.lora_alpha}")
+        if self.lora_save not in LORA_SAVE:
+            raise ValueError(f"lora_save must be one of {LORA_SAVE}, got {self.lora_save!r}")
+        if self.lora_save == "adapter" and self.trainable != "lora":
+            raise ValueError(f"lora_save='adapter' saves LoRA adapters: it needs trainable='lora', not {self.trainable!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {self.lora_targets!r}")
-        if self.time_limit_min is not None and not self.time_limit_min > 0:
+        if self.time_limit_min is not None and not (self.time_limit_min > 0 and math.isfinite(self.time_limit_min)):
             raise ValueError(f"time_limit_min must be > 0, got {self.time_limit_min}")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise ValueError(f"timesteps must be one of {TIMESTEP_SAMPLING}, got {self.timesteps!r}")
@@ -229,6 +248,8 @@ class DistillConfig:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if isinstance(self.sparse, dict):
             self.sparse = SparseConfig.from_dict(self.sparse)
         if not isinstance(self.sparse, SparseConfig):
@@ -448,19 +469,31 @@ def _load_model(path: str | None, source) -> torch.nn.Module:
 
 
 def _setup_device(cfg: DistillConfig):
-    """(device, rank, world, own_group): joins torchrun's process group unless one exists."""
+    """(device, rank, world, own_group): joins torchrun's process group unless one exists.
+
+    FSDP needs a process group even in one process: a one-rank group (in-memory store) is made.
+    """
     import torch.distributed as dist
 
     rank, world, local_rank = dist_info()
-    if world <= 1:
+    if world <= 1 and cfg.parallel != "fsdp":
         return resolve_device(cfg.device), 0, 1, False
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if world <= 1:
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if dist.is_initialized():
-        return device, rank, world, False
-    if cuda:
+        return device, dist.get_rank(), dist.get_world_size(), False
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world <= 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
     return device, rank, world, True
 
 
@@ -475,8 +508,14 @@ def _build_student(cfg: DistillConfig, model, source, device):
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.to(device)
-    if cfg.distill_weight > 0:  # otherwise it stays on the CPU, only to give the exported student its plain architecture
+    use_teacher = cfg.distill_weight > 0
+    if use_teacher:  # otherwise it stays on the CPU, only to give the exported student its plain architecture
         teacher.to(device)
+    if cfg.parallel == "fsdp":  # after LoRA, requires_grad and checkpointing; before the optimizer
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        shard_model(student, device, bf16=bf16)
+        if use_teacher:  # sharded too: 1/world of its weights per rank, one block gathered at a time
+            shard_model(teacher, device, bf16=bf16)
     return student, teacher, trainable, grid
 
 
@@ -517,7 +556,6 @@ def _make_backward(cfg: DistillConfig, fwd, teacher, source, device, rank: int, 
     local_bs = cfg.batch_size // world
     micro_bs = local_bs // cfg.grad_accum
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    ddp = world > 1
     family = _family_of(source, teacher, fwd)
     shift = cfg.t_shift if cfg.t_shift is not None else family.shift
 
@@ -533,8 +571,11 @@ def _make_backward(cfg: DistillConfig, fwd, teacher, source, device, rank: int, 
         for m in range(cfg.grad_accum):
             sl = slice(m * micro_bs, (m + 1) * micro_bs)
             # DDP all-reduces only on the last micro-batch
-            sync = fwd.no_sync() if ddp and m < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
+            sync = no_grad_sync(fwd) if m < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync, warnings.catch_warnings():
+                # FSDP2 warns that the model returns a view (diffusers' unpatchify); the loss uses it
+                # out of place only, so the pre-backward hook is kept
+                warnings.filterwarnings("ignore", message="FSDP2-wrapped module", category=UserWarning)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, vd = distill_loss(fwd, teacher, x0[sl], {k: v[sl] for k, v in cond.items()}, noise[sl],
                                             t[sl], cfg.diffusion_weight, cfg.distill_weight, family=family)
@@ -573,6 +614,20 @@ def _run(cfg: DistillConfig, model, source, keep_student: bool):
 
     t_start = time.monotonic()
     device, rank, world, own_group = _setup_device(cfg)
+    try:
+        summary, plain, result = _train_and_export(cfg, model, source, keep_student, device, rank, world, t_start)
+        if own_group:
+            dist.barrier()  # rank 0 finished writing before anyone exits
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    if result.signal is not None:
+        raise KeyboardInterrupt(f"{result.signal} at step {result.step}: checkpoint {result.last_checkpoint}; resume with --resume")
+    return summary, (plain.to(device).eval() if keep_student and plain is not None else None)
+
+
+def _train_and_export(cfg: DistillConfig, model, source, keep_student: bool, device, rank: int, world: int, t_start: float):
+    """Build, train (or resume) and, unless interrupted, export: (summary, plain student, loop result)."""
     per_rank, rem = divmod(cfg.batch_size, world * cfg.grad_accum)
     if rem or per_rank == 0:
         raise ValueError(f"batch_size={cfg.batch_size} must be a positive multiple of world_size * grad_accum = {world} * {cfg.grad_accum}")
@@ -583,7 +638,7 @@ def _run(cfg: DistillConfig, model, source, keep_student: bool):
     optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
     fwd = student
-    if world > 1:
+    if world > 1 and cfg.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         fwd = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -598,14 +653,11 @@ def _run(cfg: DistillConfig, model, source, keep_student: bool):
                         meta={"distill_config": jsonable(cfg), "model_config": _arch(student)},
                         check_meta=_check_resumed(cfg, student))
     summary, plain = {}, None
-    if rank == 0 and result.signal is None:
-        summary, plain = _finish(cfg, result, student, teacher, grid, world, keep_student)
-    if own_group:
-        dist.barrier()  # rank 0 finished writing before anyone exits
-        dist.destroy_process_group()
-    if result.signal is not None:
-        raise KeyboardInterrupt(f"{result.signal} at step {result.step}: checkpoint {result.last_checkpoint}; resume with --resume")
-    return summary, (plain.to(device).eval() if keep_student and plain is not None else None)
+    if result.signal is None:
+        state = full_state_dict(student) if cfg.export or keep_student else None  # collective when sharded
+        if rank == 0:
+            summary, plain = _finish(cfg, result, student, state, teacher, grid, world, keep_student)
+    return summary, plain, result
 
 
 def _print_start(cfg, student, teacher, trainable, grid, device, world) -> None:
@@ -618,13 +670,16 @@ def _print_start(cfg, student, teacher, trainable, grid, device, world) -> None:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     print(f"distill: {n_all / 1e6:.2f} M params ({n_trainable / 1e6:.3f} M trainable in {len(trainable)} tensors: "
           f"{what}), {math.prod(grid)} tokens, {cfg.sparse.describe()}\n"
-          f"device {device} x{world}, {'bf16 autocast' if bf16 else 'fp32'}"
+          f"device {device} x{world}{' fsdp' if cfg.parallel == 'fsdp' else ''}, {'bf16 autocast' if bf16 else 'fp32'}"
           f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}, global batch {cfg.batch_size} "
           f"(accum {cfg.grad_accum}), loss {loss_desc}, data {_data_desc(cfg)}, steps ->{cfg.steps}", file=sys.stderr)
 
 
-def _finish(cfg, result, student, teacher, grid, world, keep_student):
-    """Rank 0: summary.json, the exported student (weights + sparse_config.json) and the loss curve."""
+def _finish(cfg, result, student, state, teacher, grid, world, keep_student):
+    """Rank 0: summary.json, the exported student (weights or adapter + sparse_config.json) and the loss curve.
+
+    ``state``: the student's whole state dict on the CPU (None when neither exported nor kept).
+    """
     from .plots import read_jsonl, save_loss_curve
 
     out = Path(cfg.out)
@@ -640,10 +695,17 @@ def _finish(cfg, result, student, teacher, grid, world, keep_student):
         "tokens": math.prod(grid), "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "sparse_config": cfg.sparse.to_dict(), "config": jsonable(cfg),
     }
-    plain = _plain_student(student, teacher) if cfg.export or keep_student else None
+    adapter = cfg.lora_save == "adapter"
+    plain = _plain_student(state, teacher, cfg) if (cfg.export and not adapter) or keep_student else None
     if cfg.export:
-        summary["student_dir"] = str(save_student(plain, out / "student"))
-        cfg.sparse.save(out / "student")
+        student_dir = out / "student"
+        if adapter:
+            save_adapter(_empty_model(teacher), state, student_dir, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                         targets=cfg.lora_targets, base_model=cfg.model)
+        else:
+            save_student(plain, student_dir)
+        cfg.sparse.save(student_dir)
+        summary["student_dir"], summary["student_format"] = str(student_dir), "adapter" if adapter else "merged"
     if cfg.plot:
         try:
             objective = "velocity-distillation" if use_teacher else "diffusion"
@@ -655,14 +717,30 @@ def _finish(cfg, result, student, teacher, grid, world, keep_student):
     return summary, plain
 
 
-def _plain_student(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
-    """An unpatched float32 CPU copy of the architecture holding the student's weights (LoRA merged).
+def _empty_model(teacher: torch.nn.Module) -> torch.nn.Module:
+    """The teacher's architecture with its parameters on the meta device (no memory, no init)
+    and its buffers copied to the CPU (so the non-persistent ones, e.g. rotary tables, are real).
 
-    The teacher is the same architecture without vidsparse's processors (and without adapters),
-    so the copy is a plain diffusers model.
-    """
-    plain = copy.deepcopy(teacher).cpu()
-    plain.load_state_dict({k: v.detach().cpu() for k, v in merged_state_dict(student).items()})
+    The teacher is the student's architecture without vidsparse's processors or adapters; it may
+    be sharded (its buffers are not)."""
+    with torch.device("meta"):
+        model = unwrapped_class(teacher).from_config(teacher.config)
+    for name, buf in teacher.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buf.detach().to("cpu", copy=True)
+    return model.eval().requires_grad_(False)
+
+
+def _plain_student(state: dict[str, torch.Tensor], teacher: torch.nn.Module, cfg: DistillConfig) -> torch.nn.Module:
+    """An unpatched float32 CPU model of the teacher's architecture holding ``state``, the student's
+    whole state dict (LoRA adapters merged with peft), without copying the weights again."""
+    if any(".lora_" in k for k in state):
+        with_lora = _empty_model(teacher)
+        add_lora(with_lora, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        with_lora.load_state_dict(state, strict=True, assign=True)
+        state = merged_state_dict(with_lora)
+    plain = _empty_model(teacher)
+    plain.load_state_dict(state, strict=True, assign=True)
     return plain
 
 

@@ -18,7 +18,8 @@ from ..cli_options import add_mask_arguments, float_in, int_at_least, sparse_con
 from .distill import PRECISIONS, DistillConfig, check_data, distill
 from .families import EXPERTS
 from .flow import TIMESTEP_SAMPLING
-from .lora import LORA_TARGETS, TRAINABLE
+from .lora import LORA_SAVE, LORA_TARGETS, TRAINABLE
+from .parallel import PARALLEL
 
 #: the module ``python -m`` runs for this command line
 MODULE = "vidsparse.training.distill"
@@ -61,6 +62,11 @@ def _add_training_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> Non
     p.add_argument("--lora-targets", choices=LORA_TARGETS, default=d.lora_targets,
                    help="attention: to_q/to_k/to_v/to_out.0 of attn1 and attn2; attention+ffn: also the FFN")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass (less memory)")
+    p.add_argument("--lora-save", choices=LORA_SAVE, default=d.lora_save,
+                   help="--trainable lora: save the student with the adapters merged into its weights, or the peft adapter alone")
+    p.add_argument("--parallel", choices=PARALLEL, default=d.parallel,
+                   help="torchrun: ddp = a full replica per GPU; fsdp = FSDP2, parameters, gradients and optimizer "
+                        "states sharded over GPUs, checkpoints sharded (DCP)")
 
 
 def _add_data_arguments(p: argparse.ArgumentParser, d: DistillConfig) -> None:
@@ -118,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: DistillConfig fields read from the flag of the same name
 _FIELDS = ("model", "out", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
            "grad_clip", "distill_weight", "diffusion_weight", "timesteps", "t_mean", "t_std", "t_shift", "trainable",
-           "lora_rank", "lora_alpha", "lora_targets", "gradient_checkpointing", "data", "frames", "size", "seed",
+           "lora_rank", "lora_alpha", "lora_targets", "gradient_checkpointing", "lora_save", "parallel", "data", "frames", "size", "seed",
            "device", "precision", "ckpt_every", "log_every", "resume", "time_limit_min", "latents", "prompts",
            "expert", "teacher_steps", "teacher_batch_size", "guidance", "height", "width", "num_frames", "cache")
 

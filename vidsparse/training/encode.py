@@ -102,7 +102,8 @@ def read_frames(path, num_frames: int):
                 if len(frames) == num_frames:
                     break
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unusable
-        raise SkipVideo(f"unreadable ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"[:300]) from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise SkipVideo(f"unreadable ({type(exc).__name__}: {first_line})"[:300]) from None
     if len(frames) < num_frames:
         raise SkipVideo(f"too short: {len(frames)} frames, needs {num_frames}")
     clip = np.stack(frames)

@@ -1,24 +1,43 @@
 """What a fine-tuning run trains: all parameters, the attention modules, or peft LoRA adapters.
 
-:func:`add_lora` injects adapters, :func:`select_trainable` sets ``requires_grad`` and
-:func:`merged_state_dict` folds the adapters back into plain weights for export.
+:func:`add_lora` injects adapters, :func:`select_trainable` sets ``requires_grad``,
+:func:`merged_state_dict` folds the adapters back into plain weights for export and
+:func:`save_adapter` saves them in peft's own format instead.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
-__all__ = ["TRAINABLE", "LORA_TARGETS", "add_lora", "select_trainable", "merged_state_dict"]
+__all__ = ["TRAINABLE", "LORA_TARGETS", "LORA_SAVE", "lora_config", "add_lora", "select_trainable",
+           "merged_state_dict", "save_adapter"]
 
 #: what ``trainable`` may name
 TRAINABLE = ("all", "attention", "lora")
 #: what ``lora_targets`` may name
 LORA_TARGETS = ("attention", "attention+ffn")
+#: how a trained LoRA student may be saved: folded into the weights, or as a peft adapter
+LORA_SAVE = ("merged", "adapter")
 # module-name patterns (re.fullmatch) of the LoRA targets in a diffusers Wan transformer
 _LORA_PATTERNS = {
     "attention": r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "attention+ffn": r".*blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))",
 }
+
+
+def lora_config(rank: int, alpha: float | None = None, targets: str = "attention"):
+    """The ``peft.LoraConfig`` of :func:`add_lora` (no dropout, no bias, alpha defaults to rank)."""
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {targets!r}")
+    try:
+        from peft import LoraConfig
+    except ImportError as e:  # pragma: no cover - peft is in requirements-ci.txt
+        raise ImportError("trainable='lora' needs the peft package: pip install 'vidsparse[train]'") from e
+    return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=0.0,
+                      target_modules=_LORA_PATTERNS[targets], bias="none")
 
 
 def add_lora(
@@ -35,14 +54,9 @@ def add_lora(
     Returns the names of the LoRA parameters. Raises ImportError without ``peft`` and ValueError
     when no module matches (not a Wan-style model).
     """
-    if targets not in LORA_TARGETS:
-        raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, got {targets!r}")
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as e:  # pragma: no cover - peft is in requirements-ci.txt
-        raise ImportError("trainable='lora' needs the peft package: pip install 'vidsparse[train]'") from e
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=0.0,
-                        target_modules=_LORA_PATTERNS[targets], bias="none")
+    config = lora_config(rank, alpha, targets)
+    from peft import inject_adapter_in_model
+
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # peft draws A with the global RNG (kaiming-uniform)
@@ -108,3 +122,25 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         k = k.replace(".base_layer.", ".")
         out[k] = merged.get(k, v)
     return out
+
+
+def save_adapter(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike, *, rank: int,
+                 alpha: float | None = None, targets: str = "attention", base_model: str | None = None) -> Path:
+    """Save trained LoRA adapters in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``model``: the plain architecture without adapters (its weights are not read and may be on
+    the meta device; it is consumed: adapters are injected into it). ``state``: the state dict
+    of the model :func:`add_lora` was applied to, with the same ``rank``, ``alpha`` and
+    ``targets``. ``base_model`` is recorded as ``base_model_name_or_path``. Load the result with
+    ``peft.PeftModel.from_pretrained(base, path)``, or with diffusers'
+    ``base.load_lora_adapter(path, weight_name="adapter_model.safetensors", prefix="base_model.model")``.
+    """
+    from peft import get_peft_model
+
+    config = lora_config(rank, alpha, targets)
+    config.base_model_name_or_path = base_model
+    with torch.random.fork_rng(devices=[]):  # peft draws the (overwritten) initial A with the global RNG
+        peft_model = get_peft_model(model, config)
+    peft_model.base_model.model.load_state_dict(state, strict=True, assign=True)
+    peft_model.save_pretrained(Path(path), safe_serialization=True)
+    return Path(path)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -262,12 +263,11 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     Works for a sharded model on any number of ranks and for a plain model (one process, or a
     replica per DDP rank). Collective when a process group is initialised.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_dist() is None)
+    _dcp_load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -280,5 +280,17 @@ def read_sharded_model(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     meta = reader.read_metadata().state_dict_metadata
     model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
              if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    _dcp_load({"model": model}, path, reader)
     return model
+
+
+def _dcp_load(state: dict, path, reader=None) -> None:
+    """``dcp.load`` in place; without a process group it reads in this process (DCP warns that it
+    assumes so on every call, which is what is meant here)."""
+    import torch.distributed.checkpoint as dcp
+
+    single = _dist() is None
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, storage_reader=reader or dcp.FileSystemReader(path), no_dist=single)
