@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
+import vidsparse
 from vidsparse.tiny import compare as C
+from vidsparse.tiny import oracle as O
 
 GRID = (4, 16, 16)  # 1,024 tokens: 8 query x 16 key blocks of 128 x 64
 
@@ -66,3 +68,71 @@ def test_reports_are_written(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     table = C.format_table(result)
     assert "a " in table and "0.0300" in table and "dense: val loss 0.0200" in table
+
+
+# ------------------------------------------------------------------------------ the oracle
+def _exact_kept_mass(q, k, plan):
+    """Share of the exact attention mass the plan keeps, every query (float64)."""
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return float((p * plan.token_mask()).sum(-1).mean())
+
+
+def test_oracle_plan_is_the_brute_force_best_blocks():
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 2, 64, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    perm = torch.randperm(64, generator=g)[None, None]
+    for count in (1, 2, 3):
+        plan = O.best_mass_plan(q, k, count, block_q=16, block_k=16, perm=perm)
+        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+        p = p[:, :, perm[0, 0]][:, :, :, perm[0, 0]]  # attention order
+        for b, h, i in itertools.product(range(2), range(2), range(4)):
+            rows = p[b, h, 16 * i:16 * (i + 1)]
+            best = max(itertools.combinations(range(4), count),
+                       key=lambda js: sum(float(rows[:, 16 * j:16 * (j + 1)].sum()) for j in js))
+            assert plan.mask.dense[b, h, i].nonzero().flatten().tolist() == list(best)
+    assert torch.equal(plan.perm, perm)
+
+
+def test_oracle_block_mass_rows_sum_to_their_queries():
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 3, 100, 8, generator=g) for _ in range(2))  # partial tail blocks
+    mass = O.block_mass(q, k, block_q=32, block_k=16, max_elements=3 * 100 * 32)  # one query block per chunk
+    torch.testing.assert_close(mass.sum(-1), torch.tensor([32.0, 32, 32, 4]).expand(1, 3, 4))
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(mass[0, 1, 3, 6], p[0, 1, 96:, 96:].sum())
+
+
+def test_oracle_keeps_at_least_every_methods_mass_at_the_same_counts():
+    """Row by row at each method's own kept counts and in its own layout, the best-mass blocks keep
+    no less exact attention mass than the method's plan (random video-like q, k)."""
+    g = torch.Generator().manual_seed(5)
+    grid = (4, 8, 8)
+    n = math.prod(grid)
+    pos = torch.linspace(0, 6.28, n)[:, None] * torch.arange(1, 9)[None]
+    base = torch.cat([pos.sin(), pos.cos()], dim=-1)
+    q, k = (base + 0.5 * torch.randn(2, 2, n, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    options = {"svg2": dict(q_clusters=6, k_clusters=12, iters=3), "vmoba": dict(chunk_2d=(4, 4), chunk_3d=(2, 4, 4))}
+    for name in vidsparse.maskers.available():
+        plan = vidsparse.maskers.get(name)(q, k, grid=grid, block_q=32, block_k=16, **options.get(name, {}))
+        counts = plan.mask.dense.expand(2, 2, -1, -1).sum(-1)
+        best = O.best_mass_plan(q, k, counts, block_q=32, block_k=16, perm=plan.perm, k_perm=plan.k_perm)
+        assert torch.equal(best.mask.dense.sum(-1), counts)
+        assert _exact_kept_mass(q, k, best) >= _exact_kept_mass(q, k, plan) - 1e-12, name
+
+
+def test_oracle_variant_in_compare(captured):
+    """The oracle variants skip the bisection (their count is exact), keep more of the captured
+    mass than tiled Top-k at the same count, and are marked as no method."""
+    hybrid = C.default_variants(["hybrid"], math.prod(GRID))[1]
+    with O.registered():
+        tiled = C.oracle_variants(["tiled"])[0]
+        value, achieved = C.calibrate(tiled, 0.8, captured, GRID, block_q=128, block_k=64)
+        assert achieved == pytest.approx(1 - 3 / 16) and value == pytest.approx(3 / 16)
+        assert C._plan_sparsity(tiled, value, captured, GRID, 128, 64) == pytest.approx(achieved)
+        mass, bound = C.kept_mass(tiled, value, captured, GRID, block_q=128, block_k=64, rows=1024)
+        h_mass, h_bound = C.kept_mass(hybrid, value, captured, GRID, block_q=128, block_k=64, rows=1024)
+    assert h_mass - 1e-6 <= mass <= bound + 1e-6 and bound == pytest.approx(h_bound)
+    assert tiled.is_oracle and not hybrid.is_oracle
+    assert O.ORACLE not in vidsparse.maskers.available()  # registered only inside the context

@@ -5,10 +5,8 @@ import math
 import pytest
 import torch
 
-import vidsparse
 from vidsparse import BlockMask, NoBackendError, block_sparse_attention, hybrid_block_mask, sparse_attention
 from vidsparse import dispatch
-from vidsparse.kernels import reference
 
 
 def _qkv(b=1, h=2, lq=64, lk=48, d=16, dtype=torch.float32):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vidsparse.tiny.data import SHAPES, ShapesConfig, render, sample_conditions
+from vidsparse.tiny.data import SHAPES, render, sample_conditions
 from vidsparse.tiny.classifier import (
     ShapeClassifier, load_shape_classifier, main, shape_accuracy, single_object, train_shape_classifier,
 )

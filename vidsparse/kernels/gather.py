@@ -42,7 +42,7 @@ def attention(q, k, v, mask: BlockMask, scale: float) -> tuple[torch.Tensor, tor
     """Block-sparse attention on (B, H, N, D) tensors; returns (o (B, H, Lq, Dv), lse (B, H, Lq))."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, lq, _ = q.shape
-    lk, dv = k.shape[2], v.shape[-1]
+    lk = k.shape[2]
     bq, bk = mask.block_q, mask.block_k
     nqb, nkb = mask.num_q_blocks, mask.num_k_blocks
     cnt = mask.kv_counts.expand(b, h, nqb)

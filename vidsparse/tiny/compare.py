@@ -33,15 +33,20 @@ from typing import Any, Sequence
 import torch
 
 from .. import maskers
+from . import oracle
 from ..cli_options import int_at_least
 from ..config import SparseConfig
-from ..mask import BlockMask
+from ..mask import BlockMask, num_blocks
 from ..plan import MaskPlan
 from ..utils import check_output_dir, device_name, hash_seed, jsonable, resolve_device, versions
 
-__all__ = ["Variant", "default_variants", "compare", "main"]
+__all__ = ["Variant", "default_variants", "oracle_variants", "compare", "main"]
 
 DEFAULT_SPARSITIES = (0.8, 0.9, 0.95)
+#: the issue's targets: (block sparsity, one-step velocity error) to reach or beat
+TARGETS = ((0.9, 0.015), (0.95, 0.030))
+#: how the oracle's rows are marked in the table and the JSON
+ORACLE_KIND = "oracle (not a method)"
 _STREAM_NOISE = 11
 
 
@@ -56,6 +61,11 @@ class Variant:
     @property
     def masker(self) -> maskers.Masker:
         return maskers.get(self.method)
+
+    @property
+    def is_oracle(self) -> bool:
+        """The best-mass blocks from exact attention (:mod:`.oracle`): a bound, not a method."""
+        return self.method == oracle.ORACLE
 
     def config(self, density: float | None, **fields) -> SparseConfig:
         opts = {**self.masker.density_fixed, **self.options}
@@ -80,6 +90,11 @@ def default_variants(methods: Sequence[str], n_tokens: int) -> list[Variant]:
             options = {"q_clusters": max(8, round(n_tokens / 110)), "k_clusters": max(16, round(n_tokens / 33))}
         out.append(Variant(name, name, options))
     return out
+
+
+def oracle_variants(layouts: Sequence[str]) -> list[Variant]:
+    """The best-mass oracle in each layout ("tiled", "raster"); used inside :func:`oracle.registered`."""
+    return [Variant(f"oracle/{layout}", oracle.ORACLE, {"token_order": layout}) for layout in layouts]
 
 
 # ------------------------------------------------------------------------------------- capture
@@ -146,6 +161,8 @@ def calibrate(variant: Variant, target: float, captured, grid, *, block_q: int, 
     value is None for a method without a density option (its own sparsity is reported).
     """
     masker = variant.masker
+    if variant.is_oracle:  # its kept count per row is exact: no search
+        return oracle.oracle_density(target, num_blocks(captured[0][1].shape[2], block_k))
     states = states or layer_states(masker, len(captured))
     if masker.density_option is None:
         return None, _plan_sparsity(variant, None, captured, grid, block_q, block_k, states)
@@ -273,11 +290,12 @@ def compare(model, variants: Sequence[Variant], sparsities: Sequence[float], set
     samples = _Samples(model, settings, device) if settings.samples else None
     rows = []
     bar = tqdm(total=len(variants) * len(sparsities), desc="compare", unit="point", disable=not progress)
-    for variant in variants:
-        for goal in sparsities:
-            rows.append(_point(model, variant, goal, captured, grid, items, v_dense, target, samples, settings,
-                               amp=amp))
-            bar.update(1)
+    with oracle.registered():
+        for variant in variants:
+            for goal in sparsities:
+                rows.append(_point(model, variant, goal, captured, grid, items, v_dense, target,
+                                   None if variant.is_oracle else samples, settings, amp=amp))
+                bar.update(1)
     bar.close()
     if samples is not None and frames_path is not None:
         frame_strip(samples, sorted(sparsities)[len(sparsities) // 2], frames_path)
@@ -297,6 +315,7 @@ def _point(model, variant, goal, captured, grid, items, v_dense, target, samples
     mass, bound = kept_mass(variant, density, captured, grid, block_q=128, block_k=64, states=states)
     row = {
         "label": variant.label, "method": variant.method, "target": goal, "config": cfg.to_dict(),
+        "kind": ORACLE_KIND if variant.is_oracle else "method",
         "density_option": variant.masker.density_option, "density_value": density,
         "planned_sparsity": planned, "sparsity": summary.get("sparsity"),
         "velocity_error": float((v - v_dense).pow(2).mean()),
@@ -366,10 +385,15 @@ def format_table(result: dict) -> str:
     lines = [f"dense: val loss {result['dense']['val_loss']:.4f}", head]
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in result["rows"]:
+        label = r["label"] + ("*" if r.get("kind") == ORACLE_KIND else "")
         lines.append(
-            f"{r['label']:<14} {r['target']:>6.2f} {f(r['sparsity'], '.3f'):>8} {r['velocity_error']:>9.4f} "
+            f"{label:<14} {r['target']:>6.2f} {f(r['sparsity'], '.3f'):>8} {r['velocity_error']:>9.4f} "
             f"{r['val_loss']:>9.4f} {r['kept_mass']:>6.3f} {r['mass_bound']:>6.3f} {f(r.get('psnr'), '.2f'):>6} "
             f"{f(r.get('ssim'), '.3f'):>6} {f(r.get('shape_accuracy'), '.2f'):>6}")
+    if any(r.get("kind") == ORACLE_KIND for r in result["rows"]):
+        lines.append(f"* {ORACLE_KIND}: the best-mass blocks from exact attention, the same count in every "
+                     "row; no block predictor keeps more mass in that layout")
+    lines.append("targets: " + ", ".join(f"velocity error <= {e} at {s:.0%}" for s, e in TARGETS))
     return "\n".join(lines)
 
 
@@ -384,8 +408,14 @@ def pareto_plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if timings else 1, figsize=(11 if timings else 6.5, 4.5), squeeze=False)
     ax = axes[0, 0]
     for label in dict.fromkeys(r["label"] for r in result["rows"]):
-        pts = sorted((r["sparsity"], r["velocity_error"]) for r in result["rows"] if r["label"] == label)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        rows = [r for r in result["rows"] if r["label"] == label]
+        pts = sorted((r["sparsity"], r["velocity_error"]) for r in rows)
+        bound = rows[0].get("kind") == ORACLE_KIND
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if bound else "o",
+                linestyle="--" if bound else "-",
+                label=f"{label} ({ORACLE_KIND})" if bound else label)
+    ax.scatter([t[0] for t in TARGETS], [t[1] for t in TARGETS], marker="*", s=140, color="k", zorder=5,
+               label="targets")
     ax.set_yscale("log")
     ax.set_xlabel("achieved block sparsity")
     ax.set_ylabel("one-step velocity error vs dense")
@@ -435,6 +465,15 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def _layouts(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if names == ["none"]:
+        return []
+    if not names or any(n not in ("tiled", "raster") for n in names):
+        raise argparse.ArgumentTypeError(f"--oracle: expected tiled, raster (comma-separated) or none, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidsparse compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=_methods, default=None, help="comma-separated masker names (default: all registered)")
@@ -445,6 +484,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int_at_least(0), default=None,
                    help="sampled videos per point for PSNR/SSIM/shape accuracy (default: 8 GPU, 1 CPU; 0 = none)")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="sampler steps (default: 40 GPU, 6 CPU)")
+    p.add_argument("--oracle", type=_layouts, default=["tiled", "raster"],
+                   help="layouts of the best-mass oracle line (not a method: the bound of block predictors "
+                        "there, from exact attention): comma-separated tiled,raster, or none (default: both)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -475,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = load_tiny_wan(device=device)
     variants = default_variants(args.methods or maskers.available(), math.prod(token_grid(dict(model.config))))
+    variants += oracle_variants(args.oracle)
     t0 = time.perf_counter()
     result = compare(model, variants, args.sparsities, settings, device=device, frames_path=out / "frames.png")
     if gpu and not args.no_timing:
@@ -506,7 +549,7 @@ def _gpu_timings(variants, result, *, target: float) -> dict:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     methods = {}
-    for variant in variants:
+    for variant in (v for v in variants if not v.is_oracle):  # the oracle reads full attention: no speed
         row = next(r for r in result["rows"] if r["label"] == variant.label and r["target"] == target)
         cfg = SparseConfig.from_dict(row["config"])
         opts = cfg.resolved_options()
