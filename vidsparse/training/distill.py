@@ -695,6 +695,8 @@ def _finish(cfg, result, student, state, teacher, grid, world, keep_student):
         "tokens": math.prod(grid), "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "sparse_config": cfg.sparse.to_dict(), "config": jsonable(cfg),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # rank 0's, over the whole run
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     adapter = cfg.lora_save == "adapter"
     plain = _plain_student(state, teacher, cfg) if (cfg.export and not adapter) or keep_student else None
     if cfg.export:

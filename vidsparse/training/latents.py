@@ -19,7 +19,9 @@ only the missing shards. ``manifest.json`` (written the same way) holds:
 * ``latent_shape`` [C, F, H, W] and ``conditions`` {name: {"shape": [...], "dtype": ...}} per item;
 * ``count`` items in ``shards`` [{"file", "count"}], ``shard_size``, ``num_shards``, ``complete``;
 * ``made``: how it was made (the command, pipeline path, resolution, frames, steps, seed, a hash of
-  the prompts or videos); a resumed run must match it.
+  the prompts or videos); a resumed run must match it;
+* ``sampling_s`` (teacher samples only): seconds spent encoding prompts and sampling, summed over
+  shards (the pipeline's loading excluded).
 
 A distillation run reads item ``i`` of its stream as item ``perm_e[i mod N]`` of the folder, with
 ``e = i // N`` and ``perm_e`` a permutation seeded by ``(seed, e)``: each epoch visits every item
@@ -162,6 +164,9 @@ class LatentsWriter:
         manifest = {**self.header, "complete": len(done) == self.header["num_shards"],
                     "count": sum(s["count"] for s in shards), "latent_shape": latents["shape"],
                     "conditions": shapes, "shards": shards}
+        timed = [info["sampling_s"] for info in done.values() if "sampling_s" in info]
+        if timed:  # teacher samples: what making them cost (summed over shards and ranks)
+            manifest["sampling_s"] = round(sum(timed), 3)
         atomic_write(self.folder / MANIFEST, _dump(manifest))
         atomic_write(self.folder / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped).encode())
         return manifest

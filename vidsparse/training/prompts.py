@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -193,13 +194,14 @@ def _sample_shards(spec, prompts, made, writer, shards, settings, device, progre
     bar = tqdm(total=sum(map(len, todo.values())), desc="teacher samples", unit="prompt", disable=not progress)
     try:
         for k, idx in todo.items():
-            parts = []
+            parts, t0 = [], time.perf_counter()
             for lo in range(0, len(idx), settings.batch_size):
                 chunk = idx[lo:lo + settings.batch_size]
                 parts.append(_sample(pipe, spec.family, [prompts[i] for i in chunk], chunk, made, device))
                 bar.update(len(chunk))
             tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-            writer.write(k, tensors, {"sources": idx, "skipped": []})
+            # "sampling_s": text encoding + sampling of the shard, the pipeline's loading excluded
+            writer.write(k, tensors, {"sources": idx, "skipped": [], "sampling_s": round(time.perf_counter() - t0, 3)})
     finally:
         bar.close()
         del pipe
