@@ -198,15 +198,17 @@ def main(argv=None) -> int:
     teacher = sample_teacher(args, pipeline, prompts, cache)
     print(f"teacher: {teacher['count']} samples {teacher['latent_shape']} in {teacher['sampling_s']:.1f} s "
           f"({teacher['sampling_s'] / teacher['count']:.2f} s each), peak {teacher['peak_memory_gib']} GiB", flush=True)
-    runs = []
-    for name in variants:
-        runs.append(run_variant(args, name, pipeline, prompts, cache, work))
-        print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("sparsity_config", "command")}), flush=True)
-    result = {"benchmark": "bench_distill", "config": args.config, "layers": args.layers or CONFIGS[args.config][0]["num_layers"],
+    result = {"benchmark": "bench_distill", "config": args.config,
+              "layers": args.layers or CONFIGS[args.config][0]["num_layers"],
               "geometry": dict(zip(("height", "width", "num_frames"), CONFIGS[args.config][1])),
               "args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "versions": versions(), "pipeline_build_s": build_s, "teacher": teacher, "runs": runs,
+              "versions": versions(), "pipeline_build_s": build_s, "teacher": teacher, "runs": [],
               "date": time.strftime("%Y-%m-%d")}
+    runs = result["runs"]
+    for name in variants:
+        out.write_text(json.dumps(result, indent=2) + "\n")  # what is done so far survives a time-out
+        runs.append(run_variant(args, name, pipeline, prompts, cache, work))
+        print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("sparsity_config", "command")}), flush=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'variant':<8} {'tokens':>7} {'step s':>8} {'steps/s':>8} {'peak GiB':>9} {'trainable':>12}")
     for r in runs:
