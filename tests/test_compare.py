@@ -136,3 +136,31 @@ def test_oracle_variant_in_compare(captured):
     assert h_mass - 1e-6 <= mass <= bound + 1e-6 and bound == pytest.approx(h_bound)
     assert tiled.is_oracle and not hybrid.is_oracle
     assert O.ORACLE not in vidsparse.maskers.available()  # registered only inside the context
+
+
+# ------------------------------------------------------------------------------ block shape
+def test_the_block_shape_reaches_every_plan_of_a_run():
+    """A run at 64 x 32 blocks (the tiny model, one item): calibration, the patched model and
+    the oracle all use them; at equal sparsity the oracle keeps at least the predictor's mass."""
+    from vidsparse.tiny.model import load_tiny_wan
+
+    model = load_tiny_wan()
+    variants = C.default_variants(["hybrid"], 4096)[1:] + C.oracle_variants(["tiled"])
+    settings = C.Settings(clips=1, num_t=1, samples=0, steps=1, batch_size=1, seed=0, capture_clips=1,
+                          block_q=64, block_k=32)
+    with torch.no_grad():
+        result = C.compare(model, variants, [0.9], settings, device=torch.device("cpu"), progress=False)
+    hybrid, best = result["rows"]
+    for row in (hybrid, best):
+        assert (row["config"]["block_q"], row["config"]["block_k"]) == (64, 32)
+        assert abs(row["sparsity"] - 0.9) < 0.03, row
+    assert best["sparsity"] == pytest.approx(1 - 13 / 128, abs=1e-6)  # 4,096 / 32 = 128 key blocks per row
+    assert best["kept_mass"] >= hybrid["kept_mass"] - 1e-6
+    assert "blocks 64x32" in C.format_table(result)
+
+
+@pytest.mark.parametrize("value", ["48", "8", "x"])
+def test_block_flags_take_powers_of_two_from_16(value, capsys):
+    with pytest.raises(SystemExit):
+        C._parser().parse_args(["--block-q", value])
+    assert "--block-q: expected a power of two >= 16" in capsys.readouterr().err

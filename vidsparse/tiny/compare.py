@@ -258,6 +258,8 @@ class Settings:
     batch_size: int
     seed: int
     capture_clips: int = 2
+    block_q: int = 128  # every method's blocks (SparseConfig's defaults: the paper's 128 x 64)
+    block_k: int = 64
 
 
 def _amp(device):
@@ -309,10 +311,11 @@ def compare(model, variants: Sequence[Variant], sparsities: Sequence[float], set
 def _point(model, variant, goal, captured, grid, items, v_dense, target, samples, settings, *, amp) -> dict:
     t0 = time.perf_counter()
     states = layer_states(variant.masker, len(captured))  # warm starts carry over, as in a pipeline
-    density, planned = calibrate(variant, goal, captured, grid, block_q=128, block_k=64, states=states)
-    cfg = variant.config(density, backend="auto")
+    blocks = dict(block_q=settings.block_q, block_k=settings.block_k)
+    density, planned = calibrate(variant, goal, captured, grid, **blocks, states=states)
+    cfg = variant.config(density, backend="auto", **blocks)
     v, summary = predictions(model, items, cfg, batch_size=settings.batch_size, amp=amp)
-    mass, bound = kept_mass(variant, density, captured, grid, block_q=128, block_k=64, states=states)
+    mass, bound = kept_mass(variant, density, captured, grid, **blocks, states=states)
     row = {
         "label": variant.label, "method": variant.method, "target": goal, "config": cfg.to_dict(),
         "kind": ORACLE_KIND if variant.is_oracle else "method",
@@ -382,7 +385,8 @@ def _sampler_settings(defaults: dict, steps: int) -> dict:
 def format_table(result: dict) -> str:
     head = (f"{'method':<14} {'target':>6} {'sparsity':>8} {'vel err':>9} {'val loss':>9} {'mass':>6} "
             f"{'bound':>6} {'PSNR':>6} {'SSIM':>6} {'shape':>6}")
-    lines = [f"dense: val loss {result['dense']['val_loss']:.4f}", head]
+    st = result.get("settings", {})
+    lines = [f"dense: val loss {result['dense']['val_loss']:.4f}; blocks {st.get('block_q', 128)}x{st.get('block_k', 64)}", head]
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in result["rows"]:
         label = r["label"] + ("*" if r.get("kind") == ORACLE_KIND else "")
@@ -419,7 +423,9 @@ def pareto_plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("achieved block sparsity")
     ax.set_ylabel("one-step velocity error vs dense")
-    ax.set_title(f"{result['device']}: {result['settings']['clips']} clips x {result['settings']['num_t']} times")
+    st = result["settings"]
+    ax.set_title(f"{result['device']}: {st['clips']} clips x {st['num_t']} times, "
+                 f"{st.get('block_q', 128)}x{st.get('block_k', 64)} blocks", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     if timings:
@@ -474,6 +480,19 @@ def _layouts(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _block_size(flag: str):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 16 or n & (n - 1):
+            raise argparse.ArgumentTypeError(f"{flag}: expected a power of two >= 16, got {text!r}")
+        return n
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidsparse compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=_methods, default=None, help="comma-separated masker names (default: all registered)")
@@ -487,6 +506,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", type=_layouts, default=["tiled", "raster"],
                    help="layouts of the best-mass oracle line (not a method: the bound of block predictors "
                         "there, from exact attention): comma-separated tiled,raster, or none (default: both)")
+    p.add_argument("--block-q", type=_block_size("--block-q"), default=128,
+                   help="tokens per query block for every method, a power of two >= 16 (default 128)")
+    p.add_argument("--block-k", type=_block_size("--block-k"), default=64,
+                   help="tokens per key block for every method, a power of two >= 16 (default 64)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -510,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the CPU default is sized to finish within ~10 minutes on 2 cores; its numbers are noisier
     settings = Settings(clips=args.clips or (32 if gpu else 4), num_t=args.times or (4 if gpu else 2),
                         samples=(8 if gpu else 1) if args.samples is None else args.samples,
-                        steps=args.steps or (40 if gpu else 6), batch_size=args.batch_size, seed=args.seed)
+                        steps=args.steps or (40 if gpu else 6), batch_size=args.batch_size, seed=args.seed,
+                        block_q=args.block_q, block_k=args.block_k)
     from .model import load_tiny_wan
 
     from .model import token_grid
