@@ -145,6 +145,7 @@ def test_the_block_shape_reaches_every_plan_of_a_run():
     from vidsparse.tiny.model import load_tiny_wan
 
     model = load_tiny_wan()
+    model.blocks = model.blocks[:1]  # one trained layer is enough here (5x faster)
     variants = C.default_variants(["hybrid"], 4096)[1:] + C.oracle_variants(["tiled"])
     settings = C.Settings(clips=1, num_t=1, samples=0, steps=1, batch_size=1, seed=0, capture_clips=1,
                           block_q=64, block_k=32)

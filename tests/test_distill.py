@@ -47,6 +47,48 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poison_gradients_from(model, call: int):
+    """From the ``call``-th forward of (a copy of) ``model`` on, its output layer's gradient is NaN
+    (a copy made later, such as the student, carries the hook and its own counter)."""
+    model.proj_out.calls = 0
+
+    def hook(module, _inputs, output):
+        module.calls += 1
+        return _NaNGradient.apply(output) if module.calls > call and torch.is_grad_enabled() else output
+
+    model.proj_out.register_forward_hook(hook)
+    return model
+
+
+class _SignalAt:
+    """The shapes source, sending ``sig`` to this process when step ``step``'s batch is drawn."""
+
+    def __init__(self, step, sig, batch_size=4):
+        from vidsparse.tiny.source import ShapesSource
+
+        self.inner, self.index, self.sig = ShapesSource(**GEOMETRY), step * batch_size, sig
+
+    def bind(self, model):
+        return self.inner.bind(model)
+
+    def batch(self, index, count, device):
+        if index == self.index:
+            os.kill(os.getpid(), self.sig)
+        return self.inner.batch(index, count, device)
+
+
 def _fixed_batch(n=8):
     x0, emb, _ = make_batch(n, split="val", config=ShapesConfig(text_dim=MINI["text_dim"], **GEOMETRY))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_distill import LORA, _cfg, _fixed_batch, _losses, _mini_model
+from test_distill import LORA, _SignalAt, _cfg, _fixed_batch, _losses, _mini_model, _poison_gradients_from
 from vidsparse.training.distill import distill, train_student
 from vidsparse.training.loop import list_checkpoints
 from vidsparse.training.parallel import read_sharded_model
@@ -35,30 +35,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _NaNGrad(torch.autograd.Function):
-    """Identity forward, NaN gradient: a non-finite gradient under a finite loss."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-def _poison_gradients_from(model, call: int):
-    """From the ``call``-th forward of (a copy of) ``model`` on, its output layer's gradient is NaN."""
-    model.proj_out.calls = 0
-
-    def hook(module, _inputs, output):
-        module.calls += 1
-        return _NaNGrad.apply(output) if module.calls > call and torch.is_grad_enabled() else output
-
-    model.proj_out.register_forward_hook(hook)
-    return model
 
 
 def _rank_main(rank, world, ports, runs):
@@ -207,23 +183,6 @@ def test_fsdp_damaged_latest_checkpoint_falls_back_naming_it(tmp_path, damage):
     assert _losses(tmp_path) == losses
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000004"]  # rewritten
     _assert_same_weights(expected, read_sharded_model(list_checkpoints(tmp_path)[-1]), atol=0)
-
-
-class _SignalAt:
-    """The shapes source, sending ``sig`` to this process when step ``step``'s batch is drawn."""
-
-    def __init__(self, step, sig, batch_size=4):
-        from vidsparse.tiny.source import ShapesSource
-
-        self.inner, self.index, self.sig = ShapesSource(frames=4, size=16), step * batch_size, sig
-
-    def bind(self, model):
-        return self.inner.bind(model)
-
-    def batch(self, index, count, device):
-        if index == self.index:
-            os.kill(os.getpid(), self.sig)
-        return self.inner.batch(index, count, device)
 
 
 def test_fsdp_sigint_checkpoints_and_resumes_exactly(tmp_path):

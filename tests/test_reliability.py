@@ -279,16 +279,10 @@ def _distill_helpers():
     return _cfg, _losses, _mini_model
 
 
-class _NaNGradient(torch.autograd.Function):
-    """Identity forward, NaN gradient: a finite loss with a non-finite gradient."""
+def _signal_at(step, sig):
+    from test_distill import _SignalAt
 
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
+    return _SignalAt(step, sig)
 
 
 def test_distill_non_finite_gradient_stops_before_saving_and_keeps_the_last_checkpoint(tmp_path):
@@ -297,37 +291,15 @@ def test_distill_non_finite_gradient_stops_before_saving_and_keeps_the_last_chec
     from vidsparse.training.distill import distill
     from vidsparse.training.loop import list_checkpoints
 
+    from test_distill import _poison_gradients_from
+
     _cfg, _losses, _mini_model = _distill_helpers()
-    model = _mini_model()
-    model.proj_out.calls = 0
-
-    def poison(module, _inputs, output):  # the student's third forward on: NaN gradients, finite loss
-        module.calls += 1
-        return _NaNGradient.apply(output) if module.calls > 2 and torch.is_grad_enabled() else output
-
-    model.proj_out.register_forward_hook(poison)
+    model = _poison_gradients_from(_mini_model(), call=2)  # the student's third forward on: NaN gradients
     with pytest.raises(FloatingPointError, match=r"non-finite grad_norm by step 3.*step-0000002\.pt"):
         distill(_cfg(tmp_path, steps=6, keep_checkpoints=1), model=model)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002.pt"]
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert all(torch.isfinite(v).all() for v in torch.load(list_checkpoints(tmp_path)[0], weights_only=True)["model"].values())
-
-
-class _SignalAt:
-    """The shapes source, sending ``sig`` to this process when step ``step``'s batch is drawn."""
-
-    def __init__(self, step, sig, batch_size=4):
-        from vidsparse.tiny.source import ShapesSource
-
-        self.inner, self.index, self.sig = ShapesSource(frames=4, size=16), step * batch_size, sig
-
-    def bind(self, model):
-        return self.inner.bind(model)
-
-    def batch(self, index, count, device):
-        if index == self.index:
-            os.kill(os.getpid(), self.sig)
-        return self.inner.batch(index, count, device)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -338,7 +310,7 @@ def test_distill_signal_writes_a_checkpoint_and_resumes_exactly(tmp_path, sig):
     _cfg, _losses, _mini_model = _distill_helpers()
     distill(_cfg(tmp_path / "straight", steps=4), model=_mini_model())
     with pytest.raises(KeyboardInterrupt, match=rf"{sig.name} at step 2: checkpoint .*step-0000002\.pt; resume with --resume"):
-        distill(_cfg(tmp_path / "run", steps=4, ckpt_every=100), model=_mini_model(), source=_SignalAt(1, sig))
+        distill(_cfg(tmp_path / "run", steps=4, ckpt_every=100), model=_mini_model(), source=_signal_at(1, sig))
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000002.pt"]
     assert not (tmp_path / "run" / "student").exists() and signal.getsignal(sig) is not None
     distill(_cfg(tmp_path / "run", steps=4, resume="auto"), model=_mini_model())
