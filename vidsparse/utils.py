@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["resolve_device", "device_name", "jsonable", "sync", "versions", "hash_seed", "fmt",
+__all__ = ["resolve_device", "device_name", "jsonable", "sync", "versions", "hash_seed", "fmt", "read_text_lines",
            "check_output_dir", "check_output_file", "check_model_dir"]
 
 
@@ -107,6 +107,18 @@ def fmt(value: Any, spec: str, none: str = "-") -> str:
 # ----------------------------------------------------------------------------------------------
 # Paths a command reads or writes, checked before any work. Each raises ValueError with one line
 # that starts with the flag; command-line callers pass it to ``parser.error`` (exit code 2).
+
+
+def read_text_lines(path: str | os.PathLike, flag: str) -> list[str]:
+    """The lines of a UTF-8 text file given by ``flag``; ValueError naming the flag and the file
+    when it is missing or unreadable."""
+    where = Path(path)
+    try:
+        return where.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag} {where}: cannot read it ({exc})") from None
 
 
 def _writable(folder: Path, flag: str, what: Path) -> None:

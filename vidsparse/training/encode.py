@@ -33,6 +33,8 @@ from typing import Sequence
 
 import torch
 
+from ..utils import read_text_lines
+
 __all__ = ["VIDEO_EXTENSIONS", "list_videos", "read_captions", "read_frames", "to_pixels", "encode_videos", "main"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
@@ -56,12 +58,7 @@ def list_videos(folder) -> list[Path]:
 def read_captions(path) -> dict[str, str]:
     """{video name: caption} from JSON lines or tab-separated lines; ValueError naming ``--captions``."""
     where = Path(path)
-    try:
-        lines = where.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"--captions {where}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--captions {where}: cannot read it ({exc})") from None
+    lines = read_text_lines(where, "--captions")
     captions = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():

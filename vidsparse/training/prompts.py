@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import hash_seed
+from ..utils import hash_seed, read_text_lines
 from .families import ModelSpec, call_default
 from .latents import MANIFEST, LatentsWriter
 
@@ -42,12 +42,7 @@ _STREAM_TEACHER = 4
 def read_prompts(path, flag: str = "--prompts") -> list[str]:
     """The prompts of a file: one per line, or JSON lines with a "prompt" key; ValueError naming ``flag``."""
     where = Path(path)
-    try:
-        lines = where.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"{flag} {where}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{flag} {where}: cannot read it ({exc})") from None
+    lines = read_text_lines(where, flag)
     prompts = []
     for n, line in enumerate(lines, 1):
         text = line.strip()
