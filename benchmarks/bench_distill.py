@@ -116,7 +116,7 @@ def sample_teacher(args, pipeline: Path, prompts: Path, cache: Path) -> dict:
     height, width, frames = CONFIGS[args.config][1]
     kw = dict(model=str(pipeline), prompts=str(prompts), cache=str(cache), height=height, width=width,
               num_frames=frames, teacher_steps=args.teacher_steps, guidance=args.guidance, seed=0, progress=False,
-              out=str(Path(tempfile.mkdtemp()) / "unused"))
+              out=str(cache.parent / "teacher-run"))  # checked, never written: make_source trains nothing
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kw)], env=_env(), capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"teacher sampling failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

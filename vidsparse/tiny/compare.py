@@ -382,11 +382,16 @@ def _sampler_settings(defaults: dict, steps: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------- reports
+def _blocks_text(result: dict) -> str:
+    """"QxK" of a result's block shape (results written before the option: the default 128 x 64)."""
+    st = result.get("settings", {})
+    return f"{st.get('block_q', 128)}x{st.get('block_k', 64)}"
+
+
 def format_table(result: dict) -> str:
     head = (f"{'method':<14} {'target':>6} {'sparsity':>8} {'vel err':>9} {'val loss':>9} {'mass':>6} "
             f"{'bound':>6} {'PSNR':>6} {'SSIM':>6} {'shape':>6}")
-    st = result.get("settings", {})
-    lines = [f"dense: val loss {result['dense']['val_loss']:.4f}; blocks {st.get('block_q', 128)}x{st.get('block_k', 64)}", head]
+    lines = [f"dense: val loss {result['dense']['val_loss']:.4f}; blocks {_blocks_text(result)}", head]
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in result["rows"]:
         label = r["label"] + ("*" if r.get("kind") == ORACLE_KIND else "")
@@ -424,8 +429,8 @@ def pareto_plot(result: dict, path: Path) -> None:
     ax.set_xlabel("achieved block sparsity")
     ax.set_ylabel("one-step velocity error vs dense")
     st = result["settings"]
-    ax.set_title(f"{result['device']}: {st['clips']} clips x {st['num_t']} times, "
-                 f"{st.get('block_q', 128)}x{st.get('block_k', 64)} blocks", fontsize=9)
+    ax.set_title(f"{result['device']}: {st['clips']} clips x {st['num_t']} times, {_blocks_text(result)} blocks",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     if timings:

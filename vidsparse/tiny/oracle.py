@@ -23,6 +23,7 @@ import torch
 from .. import maskers
 from ..mask import BlockMask, num_blocks
 from ..maskers.groups import work_dtype
+from ..maskers.hybrid import topk_blocks
 from ..plan import MaskPlan
 
 __all__ = ["ORACLE", "block_mass", "best_blocks", "best_mass_plan", "oracle_count", "oracle_density",
@@ -101,8 +102,8 @@ def best_mass_plan(q: torch.Tensor, k: torch.Tensor, counts, *, block_q: int, bl
 
 
 def oracle_count(density: float, nkb: int) -> int:
-    """Kept key blocks per row at ``density``: max(1, floor(density * NKB)), as hybrid's Top-k."""
-    return max(1, math.floor(density * nkb * (1 + 1e-6)))
+    """Kept key blocks per row at ``density``: hybrid's Top-k count, max(1, floor(density * NKB))."""
+    return int(topk_blocks(torch.tensor(density), nkb))
 
 
 def oracle_density(target_sparsity: float, nkb: int) -> tuple[float, float]:

@@ -53,7 +53,7 @@ import torch
 
 from ..training.ema import EMA
 from ..training.flow import TIMESTEP_SAMPLING, flow_matching_loss, sample_timesteps
-from ..training.loop import LoopConfig, StepInfo, list_checkpoints, prepare_out, train_loop
+from ..training.loop import LoopConfig, StepInfo, list_checkpoints, prepare_out, train_loop, uses_bf16
 from ..training.optim import make_optimizer, make_scheduler
 from ..training.planner import StepPlanner
 from ..training.plots import read_jsonl, save_loss_curve
@@ -217,10 +217,6 @@ def _arch(model: torch.nn.Module) -> dict[str, Any]:
     return jsonable({k: v for k, v in dict(model.config).items() if not k.startswith("_")})
 
 
-def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
 @torch.no_grad()
 def _validation_loss(model, batch, batch_size: int, amp) -> float:
     x0, emb, noise, t = batch
@@ -346,7 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    amp = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=_use_bf16(cfg, device))
+    amp = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg.precision, device))
     model = _build_model(cfg).to(device).train()
     grid = token_grid(model.config, cfg.data.frames, cfg.data.size, cfg.data.size)
     ema = EMA(model, cfg.ema_decay)
@@ -362,7 +358,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_batch = _validation_batch(cfg, device)
     evaluate = _Evaluator(cfg, model, ema, val_batch, amp)
     print(f"{describe_model(model, cfg.data.frames, cfg.data.size)}\n"
-          f"device {device_name(device)}, {'bf16 autocast' if _use_bf16(cfg, device) else 'fp32'}, batch "
+          f"device {device_name(device)}, {'bf16 autocast' if uses_bf16(cfg.precision, device) else 'fp32'}, batch "
           f"{cfg.batch_size} ({cfg.batch_size * math.prod(grid)} tokens), steps -> {cfg.steps}", file=sys.stderr)
     loop = LoopConfig(out=out, steps=steps, grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every,
                       keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, time_limit_s=limit_s,
@@ -410,7 +406,7 @@ def _summary(cfg: TrainConfig, result, model, grid, device, planner) -> dict[str
         "mean_clips_per_s": sum(rates) / len(rates) if rates else None,
         "wall_time_s": result.elapsed_s,
         "device": f"{device_name(device)} (torch {torch.__version__})",
-        "precision": "bf16 autocast" if _use_bf16(cfg, device) else "fp32",
+        "precision": "bf16 autocast" if uses_bf16(cfg.precision, device) else "fp32",
         "parameters": count_parameters(model),
         "tokens": math.prod(grid),
         "token_grid": list(grid),

@@ -62,7 +62,7 @@ from ..config import SparseConfig
 from ..utils import hash_seed, jsonable, resolve_device
 from .families import WanFamily, family_for_model
 from .flow import TIMESTEP_SAMPLING, sample_timesteps
-from .loop import LoopConfig, dist_info, prepare_out, train_loop
+from .loop import LoopConfig, dist_info, prepare_out, train_loop, uses_bf16
 from .lora import LORA_SAVE, LORA_TARGETS, TRAINABLE, add_lora, merged_state_dict, save_adapter, select_trainable
 from .optim import make_optimizer, make_scheduler
 from .parallel import PARALLEL, full_state_dict, no_grad_sync, shard_model, unwrapped_class
@@ -406,7 +406,7 @@ def _check_fits_shapes(where: Path) -> None:
 def _teacher_settings(cfg: DistillConfig, device: torch.device):
     from .prompts import TeacherSettings
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(cfg.precision, device)
     return TeacherSettings(steps=cfg.teacher_steps, guidance=cfg.guidance, height=cfg.height, width=cfg.width,
                            num_frames=cfg.num_frames, seed=cfg.seed, batch_size=cfg.teacher_batch_size,
                            dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -512,7 +512,7 @@ def _build_student(cfg: DistillConfig, model, source, device):
     if use_teacher:  # otherwise it stays on the CPU, only to give the exported student its plain architecture
         teacher.to(device)
     if cfg.parallel == "fsdp":  # after LoRA, requires_grad and checkpointing; before the optimizer
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        bf16 = uses_bf16(cfg.precision, device)
         shard_model(student, device, bf16=bf16)
         if use_teacher:  # sharded too: 1/world of its weights per rank, one block gathered at a time
             shard_model(teacher, device, bf16=bf16)
@@ -555,7 +555,7 @@ def _make_backward(cfg: DistillConfig, fwd, teacher, source, device, rank: int, 
     """The loop's per-step callable: global batch drawn identically on every rank, then sliced."""
     local_bs = cfg.batch_size // world
     micro_bs = local_bs // cfg.grad_accum
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(cfg.precision, device)
     family = _family_of(source, teacher, fwd)
     shift = cfg.t_shift if cfg.t_shift is not None else family.shift
 
@@ -667,7 +667,7 @@ def _print_start(cfg, student, teacher, trainable, grid, device, world) -> None:
     use_teacher = cfg.distill_weight > 0
     loss_desc = " + ".join([f"{cfg.distill_weight:g} * distillation"] * use_teacher
                            + [f"{cfg.diffusion_weight:g} * diffusion"] * (cfg.diffusion_weight > 0))
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(cfg.precision, device)
     print(f"distill: {n_all / 1e6:.2f} M params ({n_trainable / 1e6:.3f} M trainable in {len(trainable)} tensors: "
           f"{what}), {math.prod(grid)} tokens, {cfg.sparse.describe()}\n"
           f"device {device} x{world}{' fsdp' if cfg.parallel == 'fsdp' else ''}, {'bf16 autocast' if bf16 else 'fp32'}"

@@ -57,7 +57,7 @@ import torch
 from .parallel import file_sha256, fsync_dir, is_sharded, load_sharded, save_sharded, verify_sharded
 
 __all__ = ["LoopConfig", "StepInfo", "LoopResult", "train_loop", "prepare_out", "list_checkpoints",
-           "load_checkpoint", "latest_checkpoint", "dist_info", "truncate_log"]
+           "load_checkpoint", "latest_checkpoint", "dist_info", "truncate_log", "uses_bf16"]
 
 _CKPT_VERSION = 3
 _REQUIRED_LOOP = ("version", "step", "elapsed_s", "rng")  # a sharded folder's loop.pt
@@ -268,6 +268,12 @@ def _restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run's ``precision`` ("auto", "bf16", "fp32") means bf16 autocast on ``device``
+    ("auto": on CUDA only)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def dist_info() -> tuple[int, int, int]:
