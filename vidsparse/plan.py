@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.permute import permute_rows, torch_permute_rows
 from .mask import BlockMask
 
 __all__ = ["MaskPlan", "as_plan", "invert_perm", "append_dense_tokens"]
@@ -109,26 +110,14 @@ class MaskPlan:
         return self.mask.density(**kwargs)
 
     # --------------------------------------------------------------------------- permutations
-    @staticmethod
-    def _gather(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, H, N, ...) -> x[b, h, index[b, h, i]] (index broadcasts over B and H)."""
-        if index is None:
-            return x
-        if index.shape[0] == 1 and index.shape[1] == 1:
-            return x.index_select(2, index[0, 0])
-        b, h = x.shape[:2]
-        idx = index.expand(b, h, -1)
-        if x.dim() == 4:
-            idx = idx[..., None].expand(-1, -1, -1, x.shape[-1])
-        return torch.gather(x, 2, idx)
-
     def to_attention_order(self, q, k, v):
         """(B, H, N, D) q, k, v in the caller's order -> the attention order (one copy each)."""
-        return self._gather(q, self.perm), self._gather(k, self.k_perm), self._gather(v, self.k_perm)
+        return (permute_rows(q, self.perm, self.inverse), permute_rows(k, self.k_perm, self.k_inverse),
+                permute_rows(v, self.k_perm, self.k_inverse))
 
     def to_caller_order(self, x: torch.Tensor) -> torch.Tensor:
         """A per-query result (B, H, Lq[, D]) in attention order -> the caller's order."""
-        return self._gather(x, self.inverse)
+        return permute_rows(x, self.inverse, self.perm)
 
     def token_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, Lq, Lk) bool in the caller's token order. For tests and debugging (O(Lq*Lk)).
@@ -139,7 +128,7 @@ class MaskPlan:
         if rows is None:
             tm = self.mask.token_mask()
             if self.inverse is not None:
-                tm = self._gather(tm, self.inverse)
+                tm = torch_permute_rows(tm, self.inverse)
         else:
             pos = rows.to(self.device)[None, None] if self.inverse is None else self.inverse[..., rows.to(self.device)]
             d = self.mask.dense
