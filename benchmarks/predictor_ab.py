@@ -1,13 +1,14 @@
 """Same-run A/B of the fused mask predictor against a baseline copy of its module, on one GPU.
 
     git show REV:vidsparse/maskers/hybrid_triton.py > old_masker.py
-    python benchmarks/predictor_ab.py --baseline old_masker.py [--out $OUT/predictor_ab.json]
+    python benchmarks/predictor_ab.py --baseline old_masker.py [--big] [--select-warps 1,2,4,8] [--out FILE]
 
 For the Wan2.1-1.3B 480p shape (and, with --big, the 14B 720p one), bf16, 128x64 blocks, it
 builds masks with both predictors for Top-k only, Top-p only and hybrid settings, counts the query
 rows whose kept blocks differ (near-ties may legitimately flip a block), and times each predictor
 with triton.testing.do_bench (median ms) and as a CUDA-graph replay (GPU time without the host's
-launch overhead).
+launch overhead). ``--select-warps`` also times the current predictor with each warp count for
+the selection kernel (masks checked equal to the default's).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ SETTINGS = {"topk 5%": dict(topk=0.05, topp=None), "topp 0.9": dict(topk=None, t
 
 
 def load_baseline(path: str):
-    """Import a copy of triton_masker.py whose relative imports point into the installed package."""
+    """Import a copy of hybrid_triton.py whose relative imports point into the installed package."""
     text = Path(path).read_text()
     text = re.sub(r"from \.\.(\w)", r"from vidsparse.\1", text)
-    text = re.sub(r"from \.(\w)", r"from vidsparse.kernels.\1", text)
+    text = re.sub(r"from \.(\w)", r"from vidsparse.maskers.\1", text)
     # Triton reads kernel source from the file, so the rewritten module must live in one
     tmp = Path(tempfile.mkdtemp()) / "baseline_masker.py"
     tmp.write_text(text)
@@ -51,16 +52,39 @@ def graph_ms(fn) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
 
 
+def warps_rows(mod, shape, q, k, warps):
+    """The current predictor with its selection kernel at ``warps`` warps: time, and equality."""
+    default = mod._select_warps
+    out = []
+    try:
+        for label in ("topk 5%", "hybrid k3% p20%"):
+            kw = SETTINGS[label]
+            ref = mod.fused_hybrid_block_mask(q, k, **kw)
+            mod._select_warps = lambda _p2: warps
+            m = mod.fused_hybrid_block_mask(q, k, **kw)
+            row = {"shape": shape, "setting": f"{label}, select {warps} warps",
+                   "equal_to_default": bool(torch.equal(m.dense, ref.dense) and torch.equal(m.kv_counts, ref.kv_counts)),
+                   "new_ms": triton.testing.do_bench(lambda: mod.fused_hybrid_block_mask(q, k, **kw)),
+                   "new_graph_ms": graph_ms(lambda: mod.fused_hybrid_block_mask(q, k, **kw))}
+            mod._select_warps = default
+            out.append(row)
+            print(row, flush=True)
+    finally:
+        mod._select_warps = default
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", required=True, help="a copy of an earlier vidsparse/maskers/hybrid_triton.py")
     p.add_argument("--big", action="store_true", help="also the Wan2.1-14B 720p shape (H=40, N=75600)")
+    p.add_argument("--select-warps", default="", help="comma-separated warp counts for the selection kernel")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "predictor_ab.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("predictor_ab.py needs a CUDA GPU", file=sys.stderr)
         return 1
-    from vidsparse.kernels import triton_masker as new
+    from vidsparse.maskers import hybrid_triton as new
 
     old = load_baseline(args.baseline)
     shapes = [("wan1.3b-480p", 12, 32760)] + ([("wan14b-720p", 40, 75600)] if args.big else [])
@@ -78,6 +102,8 @@ def main() -> int:
                 row[f"{tag}_graph_ms"] = graph_ms(lambda: mod.fused_hybrid_block_mask(q, k, **kw))
             rows.append(row)
             print(row, flush=True)
+        for w in [int(x) for x in args.select_warps.split(",") if x]:
+            rows.extend(warps_rows(new, name, q, k, w))
         # the pooling stage alone: two launches before, one now
         row = {"shape": name, "setting": "pooling Q and K",
                "old_graph_ms": graph_ms(lambda: (old.pool_blocks(q, 128), old.pool_blocks(k, 64))),

@@ -273,16 +273,19 @@ def _predict(q, k, topk, topp, block_q: int, block_k: int, scale: float, keep_si
         h, nqb, nkb, lq, block_q, block_k, scale,
         NKB_P2=_nkb_p2(nkb), KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
         HAS_TOPK=topk is not None, HAS_TOPP=topp is not None,
-        # one warp per row: the bisection's reductions stay in-warp (H100, 512-wide rows, measured
-        # with the earlier 48-step int64 bisection: 0.045 ms for 1 warp vs 0.074 for 4 and 0.115
-        # for 8); wider rows keep 8 warps (not measured)
-        num_warps=1 if _nkb_p2(nkb) <= 1024 else 8,
+        num_warps=_select_warps(_nkb_p2(nkb)),
     )
     return dense, kv_idx, kv_cnt
 
 
 def _nkb_p2(nkb: int) -> int:
     return max(16, triton.next_power_of_2(nkb))
+
+
+def _select_warps(nkb_p2: int) -> int:
+    """Warps per selection row. One keeps the bisection's reductions in-warp (H100, 512-wide rows,
+    with the earlier 48-step int64 bisection: 0.045 ms for 1 warp vs 0.074 for 4 and 0.115 for 8)."""
+    return 1 if nkb_p2 <= 1024 else 8
 
 
 # The predictor as one opaque operator, so torch.compile puts a single node in the graph (no
