@@ -6,7 +6,9 @@ method's own knob is set by bisection on these inputs (or a fixed setting for th
 mask) and the achieved sparsity is reported. Timed (``triton.testing.do_bench`` medians, one process):
 
 * ``mask_ms``: the masker call (the plan: block mask and permutations);
-* ``perm_ms``: gathering q, k, v into the plan's attention order and the output back;
+* ``perm_ms``: gathering q, k, v into the plan's attention order and the output back
+  (``perm_torch_ms``: the same with ``torch.gather``; ``copy_qkvo_ms`` in the metadata: one plain
+  copy of the same bytes, the floor);
 * ``kernel_ms``: ``block_sparse_attention`` on the already permuted tensors (Triton backend);
 * ``total_ms``: ``mask_ms`` + ``block_sparse_attention(q, k, v, plan)`` (gathers, kernel, scatter);
 * ``ratio``: (mask + permutation) / kernel; the target is <= 0.15 at 95%.
@@ -38,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vidsparse  # noqa: E402
+from vidsparse.kernels.permute import torch_permute_rows  # noqa: E402
 from vidsparse.maskers import radial as radial_mod  # noqa: E402
 from vidsparse.maskers.token_order import grid_coords  # noqa: E402
 
@@ -131,6 +134,8 @@ def main(argv=None):
         def dense():
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     dense_ms = bench(dense)
+    # the least a permutation can cost: reading and writing q, k, v and the output once
+    copy_ms = bench(lambda: [x.clone() for x in (q, k, v, q)])
 
     rows = []
     for method in a.methods.split(","):
@@ -172,6 +177,9 @@ def main(argv=None):
                 row["sparsity"] = plan.sparsity()
                 row["mask_ms"] = bench(mask_fn)
                 row["perm_ms"] = bench(lambda: (plan.to_attention_order(q, k, v), plan.to_caller_order(qa)))
+                if plan.perm is not None:  # the torch.gather path the kernel replaced, same inputs
+                    row["perm_torch_ms"] = bench(lambda: (
+                        [torch_permute_rows(x, plan.perm) for x in (q, k, v)], torch_permute_rows(qa, plan.inverse)))
                 row["kernel_ms"] = bench(lambda: vidsparse.block_sparse_attention(qa, ka, va, plan.mask, backend=backend))
                 attn = bench(lambda: vidsparse.block_sparse_attention(q, k, v, plan, backend=backend))
                 row["total_ms"] = row["mask_ms"] + attn
@@ -185,8 +193,9 @@ def main(argv=None):
 
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "dtype": str(dtype),
             "shape": {"B": b, "H": h, "grid": grid, "N": n, "D": d, "block_q": bq, "block_k": bk},
-            "backend": backend, "dense_ms": dense_ms, "torch": torch.__version__}
-    print(f"dense SDPA ({'cuDNN' if dev.type == 'cuda' else 'CPU'}): {dense_ms:.3f} ms")
+            "backend": backend, "dense_ms": dense_ms, "copy_qkvo_ms": copy_ms, "torch": torch.__version__}
+    print(f"dense SDPA ({'cuDNN' if dev.type == 'cuda' else 'CPU'}): {dense_ms:.3f} ms; "
+          f"copying q, k, v and o once: {copy_ms:.3f} ms")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {a.out}")
