@@ -162,6 +162,17 @@ def test_vmoba_batched_equals_reference(partition):
 
 
 # ------------------------------------------------------------------------ defining behaviour
+def test_svg_candidate_blocks_cached_per_shape_and_compiled_plan_equal():
+    q, k, _ = _qkv(b=2, h=2)
+    S._pattern_blocks.cache_clear()
+    first = _plan("svg", q, k)
+    again = _plan("svg", q.flip(0), k.flip(0))  # other inputs, same shape: the candidates are reused
+    assert S._pattern_blocks.cache_info().hits == 1 and S._pattern_blocks.cache_info().misses == 1
+    assert torch.equal(again.mask.dense, first.mask.dense.flip(0)) and torch.equal(again.perm, first.perm.flip(0))
+    compiled = torch.compile(lambda q, k: _plan("svg", q, k), fullgraph=True)(q, k)
+    assert torch.equal(compiled.mask.dense, first.mask.dense) and torch.equal(compiled.perm, first.perm)
+
+
 def test_svg_temporal_head_keeps_same_position_in_every_frame():
     q, k, _ = _qkv(b=2, h=2)
     state = vidsparse.maskers.get("svg").new_state()

@@ -34,6 +34,7 @@ frame radius moves in whole frames: rt = 1 is three frames); 0.2 gives 77.1% / 8
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -93,20 +94,30 @@ def profile_heads(q, k, grid, positions, *, budget: float, samples: int) -> torc
     return lost_t < lost_s
 
 
+@functools.lru_cache(maxsize=16)
+def _pattern_blocks(grid, rt: int, rp: int, block_q: int, block_k: int, device: torch.device):
+    """The two candidate block maps (1, 1, NQB, NKB) and raster orders (N,): fixed by the grid and
+    radii, so built once per shape rather than every call (they were most of the plan's cost).
+    Callers must not modify them."""
+    s_perm, s_groups, t_perm, t_groups = svg_orders(grid, device)
+    t_, hh, ww = grid
+    frames, pixels = torch.arange(t_, device=device), torch.arange(hh * ww, device=device)
+    keep_s = (frames[:, None] - frames[None, :]).abs() <= rt
+    keep_t = (pixels[:, None] - pixels[None, :]).abs() <= rp
+    blocks = lambda g, keep: group_block_mask(g[None, None], g[None, None], keep[None, None],  # noqa: E731
+                                              block_q=block_q, block_k=block_k)
+    return blocks(s_groups, keep_s), blocks(t_groups, keep_t), s_perm, t_perm
+
+
 def svg_plan(q, k, grid, positions, *, budget, samples, block_q, block_k, kinds=None) -> tuple[MaskPlan, torch.Tensor]:
     """The batched path. ``kinds`` (B, H) bool reuses a profile. Returns (plan, kinds)."""
-    b, h, n, _ = q.shape
+    n = q.shape[2]
     if kinds is None:
         kinds = profile_heads(q, k, grid, positions, budget=budget, samples=samples)
     rt, rp = svg_radii(grid, budget)
-    s_perm, s_groups, t_perm, t_groups = svg_orders(grid, q.device)
-    t_, hh, ww = grid
-    dev = q.device
-    frames, pixels = torch.arange(t_, device=dev), torch.arange(hh * ww, device=dev)
-    keep_s = (frames[:, None] - frames[None, :]).abs() <= rt
-    keep_t = (pixels[:, None] - pixels[None, :]).abs() <= rp
-    m_s = group_block_mask(s_groups[None, None], s_groups[None, None], keep_s[None, None], block_q=block_q, block_k=block_k)
-    m_t = group_block_mask(t_groups[None, None], t_groups[None, None], keep_t[None, None], block_q=block_q, block_k=block_k)
+    # dynamo traces the builder itself (it cannot trace the cache)
+    build = _pattern_blocks.__wrapped__ if torch.compiler.is_compiling() else _pattern_blocks
+    m_s, m_t, s_perm, t_perm = build(tuple(grid), rt, rp, block_q, block_k, q.device)
     dense = torch.where(kinds[..., None, None], m_t, m_s)
     perm = torch.where(kinds[..., None], raster_to_seen(t_perm, positions), raster_to_seen(s_perm, positions))
     mask = BlockMask.from_dense(dense, block_q=block_q, block_k=block_k, q_len=n, k_len=n)
