@@ -1,14 +1,15 @@
 """Same-run A/B of the fused mask predictor against a baseline copy of its module, on one GPU.
 
     git show REV:vidsparse/maskers/hybrid_triton.py > old_masker.py
-    python benchmarks/predictor_ab.py --baseline old_masker.py [--big] [--select-warps 1,2,4,8] [--out FILE]
+    python benchmarks/predictor_ab.py --baseline old_masker.py [--big] [--select-configs 1x2,8x2,8x8] [--out FILE]
 
 For the Wan2.1-1.3B 480p shape (and, with --big, the 14B 720p one), bf16, 128x64 blocks, it
 builds masks with both predictors for Top-k only, Top-p only and hybrid settings, counts the query
 rows whose kept blocks differ (near-ties may legitimately flip a block), and times each predictor
 with triton.testing.do_bench (median ms) and as a CUDA-graph replay (GPU time without the host's
-launch overhead). ``--select-warps`` also times the current predictor with each warp count for
-the selection kernel (masks checked equal to the default's).
+launch overhead). ``--select-configs`` also times the current predictor with other (warps, fanout) settings of
+the selection kernel (masks checked equal to the default's); a last row per shape times each
+launch of the Top-k predictor alone.
 """
 
 from __future__ import annotations
@@ -52,25 +53,37 @@ def graph_ms(fn) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
 
 
-def warps_rows(mod, shape, q, k, warps):
-    """The current predictor with its selection kernel at ``warps`` warps: time, and equality."""
-    default = mod._select_warps
+def select_rows(mod, shape, q, k, warps, fanout):
+    """The current predictor with its selection kernel at (warps, fanout): time, and equality."""
+    default = mod._select_config
     out = []
     try:
         for label in ("topk 5%", "hybrid k3% p20%"):
             kw = SETTINGS[label]
             ref = mod.fused_hybrid_block_mask(q, k, **kw)
-            mod._select_warps = lambda _p2: warps
+            mod._select_config = lambda _p2: (warps, fanout)
             m = mod.fused_hybrid_block_mask(q, k, **kw)
-            row = {"shape": shape, "setting": f"{label}, select {warps} warps",
+            row = {"shape": shape, "setting": f"{label}, select {warps}w x{fanout}",
                    "equal_to_default": bool(torch.equal(m.dense, ref.dense) and torch.equal(m.kv_counts, ref.kv_counts)),
                    "new_ms": triton.testing.do_bench(lambda: mod.fused_hybrid_block_mask(q, k, **kw)),
                    "new_graph_ms": graph_ms(lambda: mod.fused_hybrid_block_mask(q, k, **kw))}
-            mod._select_warps = default
+            mod._select_config = default
             out.append(row)
             print(row, flush=True)
     finally:
-        mod._select_warps = default
+        mod._select_config = default
+    return out
+
+
+def stage_rows(mod, shape, q, k):
+    """GPU time (CUDA graphs) of the pooling launch, of the matmul, and of the whole Top-k 5% predictor."""
+    q_mean, k_mean = mod._pool(q, 128, k, 64)
+    rows = {"pool": lambda: mod._pool(q, 128, k, 64),
+            "matmul": lambda: torch.matmul(q_mean, k_mean.transpose(-1, -2)),
+            "all three": lambda: mod.fused_hybrid_block_mask(q, k, topk=0.05, topp=None)}
+    out = [{"shape": shape, "setting": f"stage: {name}", "new_graph_ms": graph_ms(fn)} for name, fn in rows.items()]
+    for r in out:
+        print(r, flush=True)
     return out
 
 
@@ -78,7 +91,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", required=True, help="a copy of an earlier vidsparse/maskers/hybrid_triton.py")
     p.add_argument("--big", action="store_true", help="also the Wan2.1-14B 720p shape (H=40, N=75600)")
-    p.add_argument("--select-warps", default="", help="comma-separated warp counts for the selection kernel")
+    p.add_argument("--select-configs", default="",
+                   help="comma-separated WARPSxFANOUT settings of the selection kernel to time, e.g. 1x2,8x2,8x8")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "predictor_ab.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -102,8 +116,10 @@ def main() -> int:
                 row[f"{tag}_graph_ms"] = graph_ms(lambda: mod.fused_hybrid_block_mask(q, k, **kw))
             rows.append(row)
             print(row, flush=True)
-        for w in [int(x) for x in args.select_warps.split(",") if x]:
-            rows.extend(warps_rows(new, name, q, k, w))
+        for cfg in [c for c in args.select_configs.split(",") if c]:
+            warps, fanout = (int(x) for x in cfg.split("x"))
+            rows.extend(select_rows(new, name, q, k, warps, fanout))
+        rows.extend(stage_rows(new, name, q, k))
         # the pooling stage alone: two launches before, one now
         row = {"shape": name, "setting": "pooling Q and K",
                "old_graph_ms": graph_ms(lambda: (old.pool_blocks(q, 128), old.pool_blocks(k, 64))),

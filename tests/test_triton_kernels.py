@@ -159,13 +159,23 @@ def test_mask_block_larger_than_kernel_tile():
     _check_against_reference(q, k, v, mask, tol=1e-5)
 
 
+@pytest.fixture(params=[2, 8], ids=["bisection", "fanout8"])
+def select_fanout(request, monkeypatch):
+    """Runs a test with the selection kernel at plain bisection and at 8 thresholds per round."""
+    from vidsparse.maskers import hybrid_triton
+
+    default = hybrid_triton._select_config
+    monkeypatch.setattr(hybrid_triton, "_select_config", lambda p2: (default(p2)[0], request.param))
+    return request.param
+
+
 @pytest.mark.parametrize("kw", [
     dict(topk=0.1, topp=0.3),
     dict(topk=None, topp=0.6),
     dict(topk=0.25, topp=None),
     dict(topk=0.05, topp=0.5, keep_sink=True, keep_diagonal=True),
 ])
-def test_fused_masker_matches_eager(kw):
+def test_fused_masker_matches_eager(kw, select_fanout):
     q = torch.randn(2, 3, 500, 48, device=DEVICE) * 2
     k = torch.randn(2, 3, 500, 48, device=DEVICE) * 2
     for bq, bk in ((64, 32), (32, 64)):
@@ -178,7 +188,7 @@ def test_fused_masker_matches_eager(kw):
 
 
 @pytest.mark.parametrize("kw", [dict(topk=0.3, topp=None), dict(topk=None, topp=0.45), dict(topk=0.1, topp=0.7)])
-def test_fused_masker_breaks_exact_ties_like_eager(kw):
+def test_fused_masker_breaks_exact_ties_like_eager(kw, select_fanout):
     # every key block identical except two: equal pooled probabilities, so ties decide the mask
     q = torch.randn(1, 2, 256, 32, device=DEVICE)
     block = torch.randn(1, 2, 16, 32, device=DEVICE)
@@ -233,7 +243,7 @@ def _tied_qk(bq=32, bk=16, d=16):
     ("p-dense", dict(topk=None, topp=1.0)),  # dense even where probabilities underflow
     ("k-dense", dict(topk=1.0, topp=None)),
 ])
-def test_fused_masker_exact_tie_runs_like_eager(name, kw):
+def test_fused_masker_exact_tie_runs_like_eager(name, kw, select_fanout):
     from vidsparse.maskers.hybrid import pooled_block_scores
 
     q, k = _tied_qk()
@@ -260,7 +270,7 @@ def test_fused_masker_exact_tie_runs_like_eager(name, kw):
 
 
 @pytest.mark.parametrize("topk, topp, n_keep", [(None, 0.25, 4), (0.1, 0.25, 4), (0.5, 0.25, 8), (None, 0.2, 4)])
-def test_fused_masker_top_p_exact_boundary(topk, topp, n_keep):
+def test_fused_masker_top_p_exact_boundary(topk, topp, n_keep, select_fanout):
     # all 16 key blocks equal: every probability is exactly 1/16, so the sums are exact and p = 0.25
     # is reached at the 4th block; the mass strictly before a kept block must be < p
     q = torch.randn(1, 2, 100, 16, device=DEVICE)

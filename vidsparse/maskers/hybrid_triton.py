@@ -94,7 +94,7 @@ def _select_kernel(
     NKB_P2: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
     # which bisections run (the host knows whether topk/topp is None); within a running rule the
     # tables' sentinels (NK = 0, TOPP < 0) still switch it off per head
-    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, FANOUT: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -131,17 +131,18 @@ def _select_kernel(
         short = tl.sum(prob, 0) < p
     else:
         hi_p = lo + 1
+    # FANOUT thresholds per round (FANOUT = 2: plain bisection) shrink each range FANOUT-fold:
+    # fewer rounds of cross-warp reductions on wide rows, at FANOUT x the element work per round
+    j = tl.arange(0, FANOUT) + 1  # threshold j sits at lo + j * step; the last one is >= hi
     while (hi_k - lo_k > 1) | (hi_p - lo_p > 1):
         if HAS_TOPK:
-            mid_k = lo_k + (hi_k - lo_k) // 2
-            ok_k = tl.sum((bits >= mid_k).to(tl.int32), 0) >= n_k
-            lo_k = tl.where(ok_k, mid_k, lo_k)
-            hi_k = tl.where(ok_k, hi_k, mid_k)
+            t_k = tl.minimum(lo_k + j * ((hi_k - lo_k + FANOUT - 1) // FANOUT), hi_k)
+            ok_k = tl.sum((bits[None, :] >= t_k[:, None]).to(tl.int32), 1) >= n_k
+            lo_k, hi_k = tl.max(tl.where(ok_k, t_k, lo_k), 0), tl.min(tl.where(ok_k, hi_k, t_k), 0)
         if HAS_TOPP:
-            mid_p = lo_p + (hi_p - lo_p) // 2
-            ok_p = tl.sum(tl.where(bits >= mid_p, prob, 0.0), 0) >= p
-            lo_p = tl.where(ok_p, mid_p, lo_p)
-            hi_p = tl.where(ok_p, hi_p, mid_p)
+            t_p = tl.minimum(lo_p + j * ((hi_p - lo_p + FANOUT - 1) // FANOUT), hi_p)
+            ok_p = tl.sum(tl.where(bits[None, :] >= t_p[:, None], prob[None, :], 0.0), 1) >= p
+            lo_p, hi_p = tl.max(tl.where(ok_p, t_p, lo_p), 0), tl.min(tl.where(ok_p, hi_p, t_p), 0)
 
     # Both rules keep prefixes of one order, so the union is the longer prefix: everything above
     # the lower cut-off v, plus a leading run (in index order) of the blocks tied at v.
@@ -268,12 +269,13 @@ def _predict(q, k, topk, topp, block_q: int, block_k: int, scale: float, keep_si
     dense = torch.empty(b, h, nqb, nkb, dtype=torch.bool, device=q.device)
     kv_idx = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=q.device)
     kv_cnt = torch.empty(b, h, nqb, dtype=torch.int32, device=q.device)
+    warps, fanout = _select_config(_nkb_p2(nkb))
     _select_kernel[(nqb, b * h)](
         scores, dense, kv_idx, kv_cnt, nk, tp,
         h, nqb, nkb, lq, block_q, block_k, scale,
         NKB_P2=_nkb_p2(nkb), KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
         HAS_TOPK=topk is not None, HAS_TOPP=topp is not None,
-        num_warps=_select_warps(_nkb_p2(nkb)),
+        FANOUT=fanout, num_warps=warps,
     )
     return dense, kv_idx, kv_cnt
 
@@ -282,10 +284,11 @@ def _nkb_p2(nkb: int) -> int:
     return max(16, triton.next_power_of_2(nkb))
 
 
-def _select_warps(nkb_p2: int) -> int:
-    """Warps per selection row. One keeps the bisection's reductions in-warp (H100, 512-wide rows,
-    with the earlier 48-step int64 bisection: 0.045 ms for 1 warp vs 0.074 for 4 and 0.115 for 8)."""
-    return 1 if nkb_p2 <= 1024 else 8
+def _select_config(nkb_p2: int) -> tuple[int, int]:
+    """(warps, fanout) of the selection kernel for rows of ``nkb_p2`` blocks. One warp keeps the
+    bisection's reductions in-warp (H100, 512-wide rows, with the earlier 48-step int64
+    bisection: 0.045 ms for 1 warp vs 0.074 for 4 and 0.115 for 8)."""
+    return (1, 2) if nkb_p2 <= 1024 else (8, 2)
 
 
 # The predictor as one opaque operator, so torch.compile puts a single node in the graph (no
