@@ -39,7 +39,7 @@ import math
 import torch
 
 from ..mask import BlockMask, num_blocks
-from ..plan import MaskPlan
+from ..plan import MaskPlan, invert_perm
 from .registry import Masker, register
 from .groups import key_groups_to_blocks, raster_to_seen, work_dtype
 from .token_order import grid_coords
@@ -91,14 +91,15 @@ def vmoba_plan(q, k, grid, positions, *, partition, chunk_1d, chunk_2d, chunk_3d
     perm = raster_to_seen(order, positions)
     n_chunks = int(ids.max()) + 1
     wd = work_dtype(q)
-    qa, ka = q.index_select(2, perm).to(wd), k.index_select(2, perm).to(wd)
     nq = num_blocks(n, block_q)
-    qa = torch.nn.functional.pad(qa, (0, 0, 0, nq * block_q - n))
-    q_sizes = torch.full((nq,), block_q, dtype=wd, device=dev)
-    q_sizes[-1] = n - (nq - 1) * block_q
-    q_mean = qa.view(b, h, nq, block_q, d).sum(3) / q_sizes[:, None]
+    # block and chunk means straight from the caller's order (index_add by each token's block or
+    # chunk): no permuted copies of q and k, which block_sparse_attention makes anyway
+    q_block = invert_perm(perm) // block_q
+    k_chunk = ids if positions is None else ids[positions]
+    q_sizes = torch.bincount(q_block, minlength=nq).to(wd)
     sizes = torch.bincount(groups, minlength=n_chunks).to(wd)
-    k_mean = torch.zeros(b, h, n_chunks, d, dtype=wd, device=dev).index_add_(2, groups, ka) / sizes[:, None]
+    q_mean = torch.zeros(b, h, nq, d, dtype=wd, device=dev).index_add_(2, q_block, q.to(wd)) / q_sizes[:, None]
+    k_mean = torch.zeros(b, h, n_chunks, d, dtype=wd, device=dev).index_add_(2, k_chunk, k.to(wd)) / sizes[:, None]
     scores = q_mean @ k_mean.transpose(-1, -2) / math.sqrt(d)
     rows = _select(scores, topk, threshold)
     starts = torch.arange(nq, device=dev) * block_q
