@@ -179,7 +179,8 @@ def main(argv=None):
                 row["perm_ms"] = bench(lambda: (plan.to_attention_order(q, k, v), plan.to_caller_order(qa)))
                 if plan.perm is not None:  # the torch.gather path the kernel replaced, same inputs
                     row["perm_torch_ms"] = bench(lambda: (
-                        [torch_permute_rows(x, plan.perm) for x in (q, k, v)], torch_permute_rows(qa, plan.inverse)))
+                        torch_permute_rows(q, plan.perm), [torch_permute_rows(x, plan.k_perm) for x in (k, v)],
+                        torch_permute_rows(qa, plan.inverse)))
                 row["kernel_ms"] = bench(lambda: vidsparse.block_sparse_attention(qa, ka, va, plan.mask, backend=backend))
                 attn = bench(lambda: vidsparse.block_sparse_attention(q, k, v, plan, backend=backend))
                 row["total_ms"] = row["mask_ms"] + attn
